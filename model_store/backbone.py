@@ -1,0 +1,120 @@
+"""The classifier whose LoRA adapters we generate: an open_clip image tower plus a linear head.
+
+Two ways to build the tower:
+- `kind="vit"`: a small open_clip `VisionTransformer` trained from scratch (the synthetic world);
+- `kind="open_clip"`: a named open_clip model (ViT-B-32, BioCLIP, ...) whose weights come from a
+  local file. Nothing here ever downloads.
+
+Images go through `preprocess` (Pillow -> normalised tensor) with the mean/std recorded in the config,
+so the store, not the caller, decides how pixels are normalised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.transformer import VisionTransformer
+from PIL import Image
+from torch import nn
+
+
+@dataclass
+class BackboneConfig:
+    kind: str = "vit"  # "vit" (from scratch) | "open_clip" (named model, local weights)
+    num_classes: int = 7
+    image_size: int = 32
+    # kind="vit": the tiny tower's shape
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 6
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    embed_dim: int = 64
+    # kind="open_clip": model name and local checkpoint (never a hub tag)
+    model_name: str | None = None
+    weights: str | None = None
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.25, 0.25, 0.25)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BackboneConfig:
+        data = dict(data)
+        for key in ("mean", "std"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+class Classifier(nn.Module):
+    """`tower` (open_clip image tower) -> pooled embedding (B, embed_dim) -> `head` -> logits (B, classes).
+
+    The attribute names `tower` and `head` are part of the adapter format: PEFT keys read
+    `base_model.model.tower.transformer.resblocks.{i}.attn...`.
+    """
+
+    def __init__(self, tower: VisionTransformer, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.tower = tower
+        self.head = nn.Linear(embed_dim, num_classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tower(pixels))
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.tower.transformer.resblocks
+
+
+def build_classifier(config: BackboneConfig) -> Classifier:
+    """A classifier with freshly initialised (or, for kind="open_clip", locally loaded) tower weights."""
+    if config.kind == "vit":
+        tower = VisionTransformer(
+            image_size=config.image_size,
+            patch_size=config.patch_size,
+            width=config.width,
+            layers=config.layers,
+            heads=config.heads,
+            mlp_ratio=config.mlp_ratio,
+            output_dim=config.embed_dim,
+        )
+        return Classifier(tower, config.embed_dim, config.num_classes)
+    if config.kind == "open_clip":
+        tower = load_open_clip_tower(config.model_name, config.weights)
+        return Classifier(tower, tower.output_dim, config.num_classes)
+    raise ValueError(f"unknown backbone kind {config.kind!r}: expected 'vit' or 'open_clip'")
+
+
+def load_open_clip_tower(model_name: str | None, weights: str | None) -> VisionTransformer:
+    """The image tower of a named open_clip model with weights from a local file (no download)."""
+    if not model_name:
+        raise ValueError("an open_clip backbone needs a model name (e.g. ViT-B-32)")
+    if model_name not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip model {model_name!r}")
+    if weights is None or not Path(weights).is_file():
+        raise FileNotFoundError(f"open_clip weights file not found: {weights}")
+    model = open_clip.create_model(model_name, pretrained=str(weights), device="cpu")
+    return model.visual
+
+
+def preprocess(images: Sequence[Image.Image], config: BackboneConfig) -> torch.Tensor:
+    """Pillow images of any mode and size -> (B, 3, S, S) float tensor, normalised with the config's mean/std."""
+    size = config.image_size
+    arrays = []
+    for image in images:
+        rgb = image.convert("RGB")
+        if rgb.size != (size, size):
+            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
