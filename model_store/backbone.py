@@ -104,17 +104,22 @@ def load_open_clip_tower(model_name: str | None, weights: str | None) -> VisionT
     return model.visual
 
 
-def preprocess(images: Sequence[Image.Image], config: BackboneConfig) -> torch.Tensor:
-    """Pillow images of any mode and size -> (B, 3, S, S) float tensor, normalised with the config's mean/std."""
-    size = config.image_size
-    arrays = []
-    for image in images:
-        rgb = image.convert("RGB")
-        if rgb.size != (size, size):
-            rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-        arrays.append(np.asarray(rgb, dtype=np.float32) / 255.0)
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
-    std = torch.tensor(config.std).view(1, 3, 1, 1)
-    return (batch - mean) / std
+def to_uint8(image: Image.Image, size: int) -> np.ndarray:
+    """Any Pillow image -> (3, size, size) uint8 RGB array; the one resize every path shares."""
+    rgb = image.convert("RGB")
+    if rgb.size != (size, size):
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1)
 
+
+def normalize(pixels: torch.Tensor, config: BackboneConfig) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> float, normalised with the config's mean/std."""
+    mean = torch.tensor(config.mean, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(config.std, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels.float() / 255.0 - mean) / std
+
+
+def preprocess(images: Sequence[Image.Image], config: BackboneConfig) -> torch.Tensor:
+    """Pillow images of any mode and size -> (B, 3, S, S) normalised float tensor."""
+    batch = np.stack([to_uint8(image, config.image_size) for image in images])
+    return normalize(torch.from_numpy(batch), config)

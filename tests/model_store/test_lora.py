@@ -111,10 +111,16 @@ def test_delta_weights_match_peft(classifier):
     for i in range(layout.blocks):
         attn = model.base_model.model.blocks[i].attn  # PEFT's LoRA MultiheadAttention
         name = f"tower.transformer.resblocks.{i}.attn"
-        assert torch.allclose(merged[f"{name}.in_proj_weight"] - base[f"{name}.in_proj_weight"],
-                              attn.get_delta_weight("default"), atol=1e-6)
-        assert torch.allclose(merged[f"{name}.out_proj.weight"] - base[f"{name}.out_proj.weight"],
-                              attn.get_base_layer().out_proj.get_delta_weight("default"), atol=1e-6)
+        assert torch.allclose(
+            merged[f"{name}.in_proj_weight"] - base[f"{name}.in_proj_weight"],
+            attn.get_delta_weight("default"),
+            atol=1e-6,
+        )
+        assert torch.allclose(
+            merged[f"{name}.out_proj.weight"] - base[f"{name}.out_proj.weight"],
+            attn.get_base_layer().out_proj.get_delta_weight("default"),
+            atol=1e-6,
+        )
 
 
 def test_adapted_logits_match_peft(classifier, pixels):

@@ -1,0 +1,131 @@
+"""The `wildpdiff` command line (also `python -m training`).
+
+    wildpdiff world    --profile demo --out data/demo
+    wildpdiff pretrain --data data/demo --store model_store/demo [--profile demo]
+    wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
+
+Every failure the user can cause (bad dataset, bad store, missing file) ends in one clear line on
+stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from model_store.store import Store, StoreError
+from training.data import DataError, read_cct
+from training.profiles import PROFILES, Profile, get_profile
+
+
+def open_or_create_store(root: str, profile: Profile) -> Store:
+    if (Path(root) / "manifest.json").exists():
+        return Store(root)
+    return Store.create(root, profile=profile.name)
+
+
+def cmd_world(args: argparse.Namespace) -> None:
+    from training.world import build_world
+
+    profile = get_profile(args.profile)
+    if args.seed is not None:
+        profile.world.seed = args.seed
+    start = time.perf_counter()
+    tasks = build_world(profile.world, Path(args.out), progress=not args.quiet)
+    counts = ", ".join(f"{len(tasks[role])} {role}" for role in ("pretrain", "seen", "interp", "unseen"))
+    print(f"world written to {args.out} ({counts} locations) in {time.perf_counter() - start:.1f} s")
+
+
+def _dataset(args: argparse.Namespace):
+    dataset = read_cct(args.data)
+    print(dataset.summary())
+    return dataset
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from training.pretrain import BACKBONE_FILE, pretrain
+
+    profile = get_profile(args.profile)
+    dataset = _dataset(args)
+    store = open_or_create_store(args.store, profile)
+    if store.has(BACKBONE_FILE) and not args.force:
+        print(f"{args.store} already holds a pretrained backbone; pass --force to train it again")
+        return
+    if args.steps is not None:
+        profile.pretrain.steps = args.steps
+    metrics = pretrain(dataset, store, profile.backbone, profile.pretrain, progress=not args.quiet)
+    print(
+        f"pretrained in {metrics['seconds']:.0f} s; mean val accuracy on seen locations {metrics['seen_val_mean']:.3f}"
+    )
+
+
+def cmd_zoo(args: argparse.Namespace) -> None:
+    from training.pretrain import BACKBONE_FILE
+    from training.zoo import collect_zoo
+
+    profile = get_profile(args.profile)
+    dataset = _dataset(args)
+    store = Store.open(args.store, required=[BACKBONE_FILE])
+    zoo = profile.zoo
+    for name in ("interval", "workers", "runs", "checkpoints"):
+        if getattr(args, name) is not None:
+            setattr(zoo, name, getattr(args, name))
+    start = time.perf_counter()
+    results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet)
+    seen = [r for loc in dataset.locations("seen") for r in results.get(loc, [])]
+    gains = [max(c["test_acc"] for c in r["checkpoints"]) - r["pretrain_test_acc"] for r in seen]
+    print(
+        f"zoo: {sum(len(v) for v in results.values())} runs in {time.perf_counter() - start:.0f} s; "
+        f"mean fine-tuning gain on seen locations {sum(gains) / max(1, len(gains)):+.3f}"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wildpdiff", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, help_text: str, needs_data: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if needs_data:
+            p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
+            p.add_argument("--store", required=True, help="model store folder (created if missing)")
+        p.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="size profile (default: demo)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = stage("world", "write the synthetic camera-trap world in CCT layout", needs_data=False)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, help="world seed (default: the profile's)")
+    p.set_defaults(func=cmd_world)
+
+    p = stage("pretrain", "pretrain the backbone on the pretrain locations")
+    p.add_argument("--steps", type=int, help="training steps (default: the profile's)")
+    p.add_argument("--force", action="store_true", help="train again even if the store has a backbone")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = stage("zoo", "fine-tune LoRA checkpoints per location (resumable)")
+    p.add_argument("--interval", type=int, help="steps between saved checkpoints")
+    p.add_argument("--checkpoints", type=int, help="checkpoints per run")
+    p.add_argument("--runs", type=int, help="independent runs per seen location")
+    p.add_argument("--workers", type=int, help="worker processes (default 2)")
+    p.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, StoreError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

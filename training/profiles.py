@@ -1,0 +1,68 @@
+"""Named profiles: every stage's config for `smoke` (tests, ~3 min), `demo` (the main job, ~20 min on
+2 CPU cores) and `paper` (paper scale, 19 classes, ~3,000 checkpoints, for a GPU)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from model_store.backbone import BackboneConfig
+from model_store.lora import LoraLayout
+from training.pretrain import PretrainConfig
+from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
+from training.zoo import ZooConfig
+
+
+@dataclass
+class Profile:
+    name: str
+    world: WorldConfig = field(default_factory=WorldConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    lora: LoraLayout = field(default_factory=LoraLayout)
+    zoo: ZooConfig = field(default_factory=ZooConfig)
+
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke",
+        world=WorldConfig(
+            n_pretrain=2,
+            pretrain_frames=600,
+            n_seen=6,
+            n_interp=2,
+            n_unseen=2,
+            train_frames=96,
+            val_frames=32,
+            test_frames=64,
+            backgrounds=6,
+        ),
+        pretrain=PretrainConfig(steps=300, batch_size=64),
+        zoo=ZooConfig(warmup_steps=30, checkpoints=5),
+    ),
+    "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),
+    "paper": Profile(
+        "paper",
+        world=WorldConfig(
+            image_size=64,
+            n_pretrain=24,
+            pretrain_frames=3000,
+            n_seen=64,
+            n_interp=12,
+            n_unseen=6,
+            train_frames=600,
+            val_frames=200,
+            test_frames=300,
+            species=list(SPECIES) + list(EXTRA_SPECIES),
+        ),
+        backbone=BackboneConfig(image_size=64, width=128, layers=8, heads=4, embed_dim=128),
+        pretrain=PretrainConfig(steps=8000, batch_size=256),
+        zoo=ZooConfig(runs=5, warmup_steps=200, checkpoints=10, workers=8),
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)}")
+    return copy.deepcopy(PROFILES[name])  # stages adjust their configs (e.g. the class count)

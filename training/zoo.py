@@ -1,0 +1,212 @@
+"""Stage 2: the LoRA zoo, many fine-tuned adapters per location.
+
+    wildpdiff zoo --data data/demo --store model_store/demo [--interval 10]
+
+For every seen location (the generator's training data) and, as evaluation references only, every
+interp and unseen location, fine-tune a LoRA on the first blocks of the pretrained backbone and save
+a checkpoint every `interval` steps after warm-up. Checkpoints one step apart are near copies, so
+each seen location also gets several independent runs (seed and data order).
+
+Layout on disk (PEFT key names, safetensors):
+    zoo/<location>/run<k>/step<NNNNN>.safetensors
+    zoo/<location>/run<k>/result.json   accuracies; its presence in the manifest marks the run done
+
+Runs go to a process pool (one run per worker, one thread each). Each checkpoint is written
+atomically by the worker; the parent registers a run's files only once the run is complete, so a
+killed collection restarts exactly at the unfinished runs and never leaves a corrupt file.
+
+Training goes through `model_store.lora.adapted_logits`, not PEFT's forward: PEFT 0.21 applies the
+out_proj update of `nn.MultiheadAttention` twice (huggingface/peft PR #3774), so adapters trained
+through it would mean something else than the file format says.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model_store.backbone import BackboneConfig, build_classifier, normalize
+from model_store.lora import LoraLayout, adapted_logits, init_adapter
+from model_store.store import Store, atomic_save_tensors
+from training.common import augment, seed_everything
+from training.data import CCTDataset, read_cct
+from training.pretrain import BACKBONE_FILE
+
+
+@dataclass
+class ZooConfig:
+    runs: int = 2  # independent runs per seen location
+    reference_runs: int = 1  # runs per interp / unseen location (evaluation references)
+    warmup_steps: int = 100  # steps before the first checkpoint
+    checkpoints: int = 10  # checkpoints saved per run
+    interval: int = 1  # steps between checkpoints (the paper's saving interval)
+    batch_size: int = 64
+    lr: float = 1e-2
+    workers: int = 2
+    seed: int = 0
+    folder: str = "zoo"  # the ablation writes zoo_interval<k>/ beside the main zoo
+
+
+@dataclass
+class RunJob:
+    data: str
+    store: str
+    location: str
+    role: str
+    run: int
+    seed: int
+    folder: str
+    config: ZooConfig
+    layout: LoraLayout
+    backbone: BackboneConfig
+
+
+def run_dir(folder: str, location: str, run: int) -> str:
+    return f"{folder}/{location}/run{run}"
+
+
+def plan_jobs(dataset: CCTDataset, store: Store, config: ZooConfig, layout: LoraLayout) -> list[RunJob]:
+    backbone = BackboneConfig.from_dict(store.manifest["components"]["backbone"])
+    jobs = []
+    for role in ("seen", "interp", "unseen"):
+        for location in dataset.locations(role):
+            for run in range(config.runs if role == "seen" else config.reference_runs):
+                seed = config.seed * 1_000_003 + hash_location(location) * 101 + run
+                jobs.append(
+                    RunJob(
+                        str(dataset.root),
+                        str(store.root),
+                        location,
+                        role,
+                        run,
+                        seed,
+                        config.folder,
+                        config,
+                        layout,
+                        backbone,
+                    )
+                )
+    return jobs
+
+
+def hash_location(location: str) -> int:
+    """A stable (not per-process salted) integer per location name."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(location)) % 100_003
+
+
+def finetune(
+    model: torch.nn.Module,
+    backbone: BackboneConfig,
+    layout: LoraLayout,
+    config: ZooConfig,
+    train: tuple[torch.Tensor, torch.Tensor],
+    seed: int,
+    on_checkpoint=None,
+) -> dict[str, torch.Tensor]:
+    """Fine-tune one adapter; `on_checkpoint(step, state)` is called at every saving step."""
+    generator = seed_everything(seed)
+    pixels, labels = train
+    state = init_adapter(model, layout, generator=generator)
+    optimizer = torch.optim.AdamW(state.values(), lr=config.lr, weight_decay=0.0)
+    total = config.warmup_steps + config.checkpoints * config.interval
+    model.eval()  # no dropout in the tower; the base weights stay frozen
+    for step in range(1, total + 1):
+        index = torch.randint(len(labels), (config.batch_size,), generator=generator)
+        logits = adapted_logits(model, state, layout, normalize(augment(pixels[index], generator), backbone))
+        loss = torch.nn.functional.cross_entropy(logits, labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        after_warmup = step - config.warmup_steps
+        if on_checkpoint is not None and after_warmup > 0 and after_warmup % config.interval == 0:
+            on_checkpoint(step, {k: v.detach().clone() for k, v in state.items()})
+    return {k: v.detach() for k, v in state.items()}
+
+
+@torch.no_grad()
+def adapter_accuracy(model, state, layout, backbone, pixels, labels, batch_size: int = 512) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = adapted_logits(model, state, layout, normalize(pixels[i : i + batch_size], backbone))
+        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum().item()
+    return correct / len(labels)
+
+
+def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
+    """Worker: one fine-tuning run; writes its checkpoints, returns their paths and the run's result."""
+    torch.set_num_threads(1)
+    store = Store(job.store)
+    model = build_classifier(job.backbone)
+    model.load_state_dict(store.load_tensors(BACKBONE_FILE))
+    model.requires_grad_(False)
+    dataset = read_cct(job.data)
+    size = job.backbone.image_size
+    train, val, test = (dataset.load(job.location, split, size) for split in ("train", "val", "test"))
+    folder = run_dir(job.folder, job.location, job.run)
+    written, checkpoints = [], []
+    start = time.perf_counter()
+
+    def save(step: int, state: dict[str, torch.Tensor]) -> None:
+        relpath = f"{folder}/step{step:05d}.safetensors"
+        metadata = {"location": job.location, "run": str(job.run), "step": str(step), "seed": str(job.seed)}
+        atomic_save_tensors(store.path(relpath), state, metadata)
+        written.append(relpath)
+        checkpoints.append(
+            {
+                "file": relpath,
+                "step": step,
+                "val_acc": adapter_accuracy(model, state, job.layout, job.backbone, *val),
+                "test_acc": adapter_accuracy(model, state, job.layout, job.backbone, *test),
+            }
+        )
+
+    finetune(model, job.backbone, job.layout, job.config, train, job.seed, on_checkpoint=save)
+    empty = {k: torch.zeros(s.shape) for k, s in init_adapter(model, job.layout).items()}
+    result = {
+        "location": job.location,
+        "role": job.role,
+        "run": job.run,
+        "seed": job.seed,
+        "seconds": time.perf_counter() - start,
+        "pretrain_val_acc": adapter_accuracy(model, empty, job.layout, job.backbone, *val),
+        "pretrain_test_acc": adapter_accuracy(model, empty, job.layout, job.backbone, *test),
+        "checkpoints": checkpoints,
+    }
+    return job, written, result
+
+
+def collect_zoo(
+    dataset: CCTDataset, store: Store, config: ZooConfig, layout: LoraLayout, progress: bool = True
+) -> dict:
+    """Run every unfinished job; returns {location: [run results]} for all runs, finished before or now."""
+    store.set_component("lora", layout.to_dict())
+    store.set_component(config.folder, asdict(config))
+    jobs = plan_jobs(dataset, store, config, layout)
+    todo = [job for job in jobs if not store.has(f"{run_dir(job.folder, job.location, job.run)}/result.json")]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=config.folder, unit="run", disable=not progress)
+    if todo:
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(min(config.workers, len(todo))) as pool:
+            for job, written, result in pool.imap_unordered(_run, todo):
+                store.register(*written)
+                store.save_json(f"{run_dir(job.folder, job.location, job.run)}/result.json", result)
+                bar.update()
+    bar.close()
+    return load_zoo_results(store, config.folder)
+
+
+def load_zoo_results(store: Store, folder: str = "zoo") -> dict[str, list[dict]]:
+    results: dict[str, list[dict]] = {}
+    for relpath in sorted(store.manifest["files"]):
+        path = Path(relpath)
+        if path.parts[0] == folder and path.name == "result.json":
+            result = store.load_json(relpath)
+            results.setdefault(result["location"], []).append(result)
+    return results
