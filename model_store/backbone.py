@@ -22,6 +22,10 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 from torch import nn
 
+from model_store.store import Store
+
+BACKBONE_FILE = "backbone.safetensors"
+
 
 @dataclass
 class BackboneConfig:
@@ -123,3 +127,11 @@ def preprocess(images: Sequence[Image.Image], config: BackboneConfig) -> torch.T
     """Pillow images of any mode and size -> (B, 3, S, S) normalised float tensor."""
     batch = np.stack([to_uint8(image, config.image_size) for image in images])
     return normalize(torch.from_numpy(batch), config)
+
+
+def load_backbone(store: Store) -> tuple[Classifier, BackboneConfig]:
+    """The pretrained classifier of a store (hash-verified), frozen and in eval mode."""
+    config = BackboneConfig.from_dict(store.manifest["components"]["backbone"])
+    model = build_classifier(config)
+    model.load_state_dict(store.load_tensors(BACKBONE_FILE))
+    return model.requires_grad_(False).eval(), config

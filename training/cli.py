@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from model_store.backbone import BACKBONE_FILE
 from model_store.store import Store, StoreError
 from training.data import DataError, read_cct
 from training.profiles import PROFILES, Profile, get_profile
@@ -45,7 +46,7 @@ def _dataset(args: argparse.Namespace):
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from training.pretrain import BACKBONE_FILE, pretrain
+    from training.pretrain import pretrain
 
     profile = get_profile(args.profile)
     dataset = _dataset(args)
@@ -62,7 +63,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
-    from training.pretrain import BACKBONE_FILE
     from training.zoo import collect_zoo
 
     profile = get_profile(args.profile)

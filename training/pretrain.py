@@ -17,12 +17,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from model_store.backbone import BackboneConfig, build_classifier, normalize
+from model_store.backbone import BACKBONE_FILE, BackboneConfig, build_classifier, normalize
 from model_store.store import Store
 from training.common import accuracy, augment, seed_everything
 from training.data import CCTDataset
-
-BACKBONE_FILE = "backbone.safetensors"
 
 
 @dataclass
@@ -86,11 +84,3 @@ def pretrain(
     store.update(classes=dataset.categories)
     store.save_json("pretrain/metrics.json", metrics)
     return metrics
-
-
-def load_backbone(store: Store) -> tuple[torch.nn.Module, BackboneConfig]:
-    """The pretrained classifier from a store (hash-verified), in eval mode."""
-    config = BackboneConfig.from_dict(store.manifest["components"]["backbone"])
-    model = build_classifier(config)
-    model.load_state_dict(store.load_tensors(BACKBONE_FILE))
-    return model.eval(), config

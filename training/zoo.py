@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model_store.backbone import BackboneConfig, build_classifier, normalize
+from model_store.backbone import BackboneConfig, load_backbone, normalize
 from model_store.lora import LoraLayout, adapted_logits, init_adapter
 from model_store.store import Store, atomic_save_tensors
 from training.common import augment, seed_everything
 from training.data import CCTDataset, read_cct
-from training.pretrain import BACKBONE_FILE
 
 
 @dataclass
@@ -143,9 +142,7 @@ def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
     """Worker: one fine-tuning run; writes its checkpoints, returns their paths and the run's result."""
     torch.set_num_threads(1)
     store = Store(job.store)
-    model = build_classifier(job.backbone)
-    model.load_state_dict(store.load_tensors(BACKBONE_FILE))
-    model.requires_grad_(False)
+    model, _ = load_backbone(store)
     dataset = read_cct(job.data)
     size = job.backbone.image_size
     train, val, test = (dataset.load(job.location, split, size) for split in ("train", "val", "test"))
