@@ -1,0 +1,87 @@
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import peft
+from safetensors.torch import load_file
+
+from model_store.backbone import load_backbone
+from model_store.lora import LoraLayout, attach_lora
+from model_store.store import Store
+from training.data import read_cct
+from training.profiles import get_profile
+from training.zoo import adapter_accuracy, load_zoo_results
+
+
+def test_zoo_covers_every_location_with_its_runs(smoke_zoo_store, smoke_world):
+    dataset = read_cct(smoke_world)
+    zoo = get_profile("smoke").zoo
+    results = load_zoo_results(Store.open(smoke_zoo_store))
+    for location in dataset.locations("seen"):
+        assert len(results[location]) == zoo.runs
+    for location in dataset.locations("interp") + dataset.locations("unseen"):
+        assert len(results[location]) == zoo.reference_runs
+    for runs in results.values():
+        for run in runs:
+            assert [c["step"] for c in run["checkpoints"]] == [
+                zoo.warmup_steps + k * zoo.interval for k in range(1, zoo.checkpoints + 1)
+            ]
+    # Independent runs of one location are different adapters.
+    a, b = (load_file(smoke_zoo_store / r["checkpoints"][-1]["file"]) for r in results[dataset.locations("seen")[0]])
+    assert any((a[k] - b[k]).abs().max() > 1e-4 for k in a)
+
+
+def test_checkpoints_load_into_peft_and_reproduce_their_accuracy(smoke_zoo_store, smoke_world):
+    store = Store.open(smoke_zoo_store)
+    layout = LoraLayout.from_dict(store.manifest["components"]["lora"])
+    location = read_cct(smoke_world).locations("seen")[0]
+    run = load_zoo_results(store)[location][0]
+    checkpoint = run["checkpoints"][-1]
+    state = store.load_tensors(checkpoint["file"])
+
+    model, config = load_backbone(store)
+    peft_model = attach_lora(load_backbone(store)[0], layout)
+    loaded = peft.set_peft_model_state_dict(peft_model, state)
+    assert not loaded.unexpected_keys
+    lora_params = {k: v for k, v in peft_model.state_dict().items() if "lora_" in k}
+    assert len(lora_params) == len(state)
+
+    test = read_cct(smoke_world).load(location, "test", config.image_size)
+    assert abs(adapter_accuracy(model, state, layout, config, *test) - checkpoint["test_acc"]) < 1e-6
+    assert max(c["test_acc"] for c in run["checkpoints"]) >= run["pretrain_test_acc"]
+
+
+def test_zoo_resumes_after_being_killed(smoke_zoo_store, smoke_world, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(smoke_zoo_store, root)
+    shutil.rmtree(root / "zoo")
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("zoo/")}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    command = [sys.executable, "-m", "training", "zoo", "--data", str(smoke_world), "--store", str(root),
+               "--profile", "smoke", "--quiet"]
+
+    process = subprocess.Popen(command, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        done = [k for k in json.loads((root / "manifest.json").read_text())["files"] if k.endswith("result.json")]
+        if len(done) >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "zoo finished before it could be interrupted"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+    finished = {k: (root / k).stat().st_mtime_ns for k in Store(root).manifest["files"] if k.endswith("result.json")}
+    assert finished
+    subprocess.run(command, check=True, timeout=300)
+
+    store = Store.open(root)  # every listed file verifies
+    expected = sum(len(runs) for runs in load_zoo_results(Store.open(smoke_zoo_store)).values())
+    assert sum(len(runs) for runs in load_zoo_results(store).values()) == expected
+    assert all((root / k).stat().st_mtime_ns == t for k, t in finished.items()), "a finished run was redone"
+    assert not list(root.rglob("*.tmp"))
