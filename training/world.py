@@ -23,6 +23,7 @@ from __future__ import annotations
 import colorsys
 import json
 import math
+import multiprocessing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -361,61 +362,69 @@ def _class_prior(appearance: Appearance, n_species: int, rng: np.random.Generato
     return np.concatenate([[appearance.empty_share], animals])
 
 
-def build_world(config: WorldConfig, out: Path, progress: bool = True) -> dict:
-    """Write the world to `out` (annotations.json, images/, backgrounds/, tasks.json, world.json)."""
+def _write_location(job: tuple[WorldConfig, Path, int, Location]) -> tuple[list[dict], list[dict]]:
+    """Render and write one location's frames and backgrounds; returns its CCT image/annotation records."""
+    config, out, index, loc = job
+    categories = ["empty", *config.species]
+    rng = np.random.default_rng([config.seed, index])
+    layout = make_layout(loc.appearance, np.random.default_rng(loc.layout_seed))
+    prior = _class_prior(loc.appearance, len(config.species), rng)
+    if loc.role == "pretrain":
+        splits = ["train"] * config.pretrain_frames
+    else:
+        splits = ["train"] * config.train_frames + ["val"] * config.val_frames + ["test"] * config.test_frames
+    (out / "images" / loc.name).mkdir(parents=True, exist_ok=True)
+    images, annotations = [], []
+    for frame, split in enumerate(splits):
+        appearance, frame_layout = loc.appearance, layout
+        if loc.role == "pretrain":
+            appearance = sample_pretrain_scene(rng, config.pretrain_hue)
+            frame_layout = make_layout(appearance, rng)
+            prior = _class_prior(appearance, len(config.species), rng)
+        category = int(rng.choice(len(categories), p=prior))
+        species = None if category == 0 else categories[category]
+        image_id = f"{loc.name}_{frame:05d}"
+        file_name = f"images/{loc.name}/{image_id}.png"
+        render(appearance, frame_layout, species, config.image_size, rng).save(out / file_name)
+        images.append(
+            {
+                "id": image_id,
+                "file_name": file_name,
+                "location": loc.name,
+                "seq_id": image_id,
+                "datetime": f"2026-01-01 {frame % 24:02d}:00:00",
+                "width": config.image_size,
+                "height": config.image_size,
+                "split": split,
+            }
+        )
+        annotations.append({"id": f"a_{image_id}", "image_id": image_id, "category_id": category})
+    if loc.role != "pretrain":
+        background_dir = out / "backgrounds" / loc.name
+        background_dir.mkdir(parents=True, exist_ok=True)
+        for k in range(config.backgrounds):
+            render(loc.appearance, layout, None, config.image_size, rng).save(background_dir / f"{k:03d}.png")
+    return images, annotations
+
+
+def build_world(config: WorldConfig, out: Path, progress: bool = True, workers: int = 2) -> dict:
+    """Write the world to `out` (annotations.json, images/, backgrounds/, tasks.json, world.json).
+
+    Locations render in parallel; each has its own seeded generator, so the output does not depend on
+    the number of workers.
+    """
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
     categories = ["empty", *config.species]
     locations = plan_locations(config)
+    jobs = [(config, out, index, loc) for index, loc in enumerate(locations)]
     images, annotations = [], []
-    total = sum(
-        config.pretrain_frames
-        if loc.role == "pretrain"
-        else config.train_frames + config.val_frames + config.test_frames
-        for loc in locations
-    )
-    bar = tqdm(total=total, desc="world", unit="frame", disable=not progress)
-    for index, loc in enumerate(locations):
-        rng = np.random.default_rng([config.seed, index])
-        layout = make_layout(loc.appearance, np.random.default_rng(loc.layout_seed))
-        prior = _class_prior(loc.appearance, len(config.species), rng)
-        if loc.role == "pretrain":
-            splits = ["train"] * config.pretrain_frames
-        else:
-            splits = ["train"] * config.train_frames + ["val"] * config.val_frames + ["test"] * config.test_frames
-        for frame, split in enumerate(splits):
-            appearance, frame_layout = loc.appearance, layout
-            if loc.role == "pretrain":
-                appearance = sample_pretrain_scene(rng, config.pretrain_hue)
-                frame_layout = make_layout(appearance, rng)
-                prior = _class_prior(appearance, len(config.species), rng)
-            category = int(rng.choice(len(categories), p=prior))
-            species = None if category == 0 else categories[category]
-            image = render(appearance, frame_layout, species, config.image_size, rng)
-            image_id = f"{loc.name}_{frame:05d}"
-            file_name = f"images/{loc.name}/{image_id}.png"
-            (out / file_name).parent.mkdir(exist_ok=True)
-            image.save(out / file_name)
-            images.append(
-                {
-                    "id": image_id,
-                    "file_name": file_name,
-                    "location": loc.name,
-                    "seq_id": image_id,
-                    "datetime": f"2026-01-01 {frame % 24:02d}:00:00",
-                    "width": config.image_size,
-                    "height": config.image_size,
-                    "split": split,
-                }
-            )
-            annotations.append({"id": f"a_{image_id}", "image_id": image_id, "category_id": category})
-            bar.update()
-        if loc.role != "pretrain":
-            background_dir = out / "backgrounds" / loc.name
-            background_dir.mkdir(parents=True, exist_ok=True)
-            for k in range(config.backgrounds):
-                render(loc.appearance, layout, None, config.image_size, rng).save(background_dir / f"{k:03d}.png")
-    bar.close()
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        done = pool.imap(_write_location, jobs)
+        for location_images, location_annotations in tqdm(
+            done, total=len(jobs), desc="world", unit="location", disable=not progress
+        ):
+            images += location_images
+            annotations += location_annotations
 
     _write_json(
         out / "annotations.json",
