@@ -81,7 +81,7 @@ class Appearance:
 # Ranges of the seen family; unseen locations step outside one of them. The hue magnitude is kept
 # away from 0 so that every seen location is a real domain shift for the pretrained backbone.
 SEEN_RANGES = {
-    "hue_abs": (15.0, 40.0),
+    "hue_abs": (15.0, 50.0),
     "saturation": (0.55, 1.15),
     "brightness": (0.6, 1.3),
     "contrast": (0.55, 1.2),
@@ -129,15 +129,35 @@ def _uniform(rng: np.random.Generator, lo_hi: tuple[float, float]) -> float:
     return float(rng.uniform(*lo_hi))
 
 
-def sample_seen(rng: np.random.Generator, ranges: dict = SEEN_RANGES) -> Appearance:
-    values = {name: _uniform(rng, span) for name, span in ranges.items() if name != "hue_abs"}
-    values["hue"] = _uniform(rng, ranges["hue_abs"]) * float(rng.choice([-1.0, 1.0]))
-    return Appearance(**values)
+def severity(a: Appearance) -> float:
+    """Roughly the accuracy the pretrained backbone loses at this location: the drop per unit of each shift,
+    fitted by linear regression on a demo run (R^2 0.71 over 40 seen locations)."""
+    return (
+        0.0074 * abs(a.hue)
+        + 0.6 * a.ir_share
+        + 2.3 * a.noise
+        + 0.17 * max(0.0, 1.0 - a.brightness)
+        + 0.58 * max(0.0, a.horizon - 0.25)
+    )
+
+
+# Seen locations are kept inside a severity band, so each one is a real domain shift that a LoRA can
+# close (pretrained accuracy about 0.73-0.87), while their directions spread over every axis.
+SEEN_SEVERITY = (0.40, 0.54)
+
+
+def sample_seen(rng: np.random.Generator, ranges: dict = SEEN_RANGES, band: tuple | None = SEEN_SEVERITY) -> Appearance:
+    while True:
+        values = {name: _uniform(rng, span) for name, span in ranges.items() if name != "hue_abs"}
+        values["hue"] = _uniform(rng, ranges["hue_abs"]) * float(rng.choice([-1.0, 1.0]))
+        appearance = Appearance(**values)
+        if band is None or band[0] <= severity(appearance) <= band[1]:
+            return appearance
 
 
 def sample_pretrain_scene(rng: np.random.Generator, max_hue: float) -> Appearance:
     """A random scene with a mild cast: the backbone sees all palettes, but not strong shifts."""
-    scene = sample_seen(rng)
+    scene = sample_seen(rng, band=None)
     return replace(
         scene,
         hue=float(rng.uniform(-max_hue, max_hue)),
@@ -154,7 +174,7 @@ def sample_pretrain_scene(rng: np.random.Generator, max_hue: float) -> Appearanc
 def sample_unseen(rng: np.random.Generator, index: int) -> Appearance:
     ranges = dict(SEEN_RANGES)
     ranges.update(UNSEEN_SHIFTS[index % len(UNSEEN_SHIFTS)])
-    return sample_seen(rng, ranges)
+    return sample_seen(rng, ranges, band=None)
 
 
 def _normalised(appearances: list[Appearance]) -> np.ndarray:
