@@ -7,7 +7,10 @@ import copy
 from dataclasses import dataclass, field
 
 from model_store.backbone import BackboneConfig
+from model_store.denoiser import DenoiserConfig
 from model_store.lora import LoraLayout
+from model_store.vae import VAEConfig
+from training.fit import FitConfig
 from training.pretrain import PretrainConfig
 from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
 from training.zoo import ZooConfig
@@ -21,6 +24,7 @@ class Profile:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     lora: LoraLayout = field(default_factory=LoraLayout)
     zoo: ZooConfig = field(default_factory=ZooConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
 
 
 PROFILES = {
@@ -39,6 +43,7 @@ PROFILES = {
         ),
         pretrain=PretrainConfig(steps=300, batch_size=64),
         zoo=ZooConfig(warmup_steps=30, checkpoints=5),
+        fit=FitConfig(vae_steps=150, denoiser_steps=200, vae_batch_size=32, denoiser_batch_size=32, warmup_steps=20),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),
     "paper": Profile(
@@ -58,6 +63,14 @@ PROFILES = {
         backbone=BackboneConfig(image_size=64, width=128, layers=8, heads=4, embed_dim=128),
         pretrain=PretrainConfig(steps=8000, batch_size=256),
         zoo=ZooConfig(runs=5, warmup_steps=200, checkpoints=10, workers=8),
+        fit=FitConfig(
+            vae=VAEConfig(fold=16, channels=(64, 128, 256)),
+            denoiser=DenoiserConfig(channels=(64, 128, 256), embed_dim=256),
+            vae_steps=20000,
+            denoiser_steps=40000,
+            vae_batch_size=256,
+            denoiser_batch_size=256,
+        ),
     ),
 }
 

@@ -1,0 +1,153 @@
+"""The denoiser: predicts the noise in a latent (B, C, L) given the timestep and the condition features.
+
+As in the paper, the condition embedding is projected and ADDED to the timestep embedding; diffusers'
+`TimestepEmbedding(cond_proj_dim=D)` does exactly that (sinusoidal features + Linear(condition), then an
+MLP). Two bodies share that embedding:
+
+- `kind="unet"` (default, the paper's): a 1D conv UNet over the latent length, built from diffusers'
+  `ResidualTemporalBlock1D` (conv - GroupNorm - Mish, embedding added after the first conv), `Downsample1D`
+  and `Upsample1D`, with skip connections between levels;
+- `kind="mlp"`: a residual MLP over the flattened latent, cheaper for small latents (the feasibility
+  prototype's choice).
+
+The noise schedule lives outside the model (diffusers schedulers, see `model_store.generator`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers.models.downsampling import Downsample1D
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.resnet import ResidualTemporalBlock1D
+from diffusers.models.upsampling import Upsample1D
+from torch import nn
+
+DENOISER_FILE = "denoiser.safetensors"
+
+
+@dataclass
+class DenoiserConfig:
+    kind: str = "unet"  # "unet" (1D conv UNet) | "mlp" (residual MLP over the flattened latent)
+    channels: tuple[int, ...] = (32, 64)  # unet: widths per level; the length halves between levels
+    kernel_size: int = 3  # unet: conv kernel along the latent length
+    hidden: int = 256  # mlp: width
+    depth: int = 3  # mlp: residual blocks
+    embed_dim: int = 128  # timestep (+ condition) embedding width
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DenoiserConfig:
+        data = dict(data)
+        data["channels"] = tuple(data["channels"])
+        return cls(**data)
+
+
+def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> nn.Module:
+    if config.kind == "unet":
+        return UNet1D(config, latent_shape, condition_dim)
+    if config.kind == "mlp":
+        return ResidualMLP(config, latent_shape, condition_dim)
+    raise ValueError(f"unknown denoiser kind {config.kind!r}: expected 'unet' or 'mlp'")
+
+
+class Embedding(nn.Module):
+    """(B,) timesteps and (B, D) condition features -> (B, embed_dim), condition added before the MLP."""
+
+    def __init__(self, embed_dim: int, condition_dim: int):
+        super().__init__()
+        self.timesteps = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.mlp = TimestepEmbedding(embed_dim, embed_dim, cond_proj_dim=condition_dim)
+
+    def forward(self, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.timesteps(timesteps).to(condition.dtype), condition)
+
+
+class UNet1D(nn.Module):
+    def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
+        super().__init__()
+        in_channels, length = latent_shape
+        levels = len(config.channels)
+        if length % 2 ** (levels - 1):
+            raise ValueError(f"latent length {length} cannot be halved {levels - 1} times (unet channels)")
+        embed, kernel = config.embed_dim, config.kernel_size
+        self.embedding = Embedding(embed, condition_dim)
+        self.conv_in = nn.Conv1d(in_channels, config.channels[0], kernel, padding=kernel // 2)
+
+        self.down = nn.ModuleList()
+        for i, (c_in, c_out) in enumerate(zip((config.channels[0], *config.channels[:-1]), config.channels)):
+            last = i == levels - 1
+            self.down.append(
+                nn.ModuleList(
+                    [
+                        ResidualTemporalBlock1D(c_in, c_out, embed, kernel),
+                        nn.Identity() if last else Downsample1D(c_out, use_conv=True),
+                    ]
+                )
+            )
+        self.mid = ResidualTemporalBlock1D(config.channels[-1], config.channels[-1], embed, kernel)
+        self.up = nn.ModuleList()
+        for i, (c_skip, c_out) in enumerate(zip(config.channels[::-1], (*config.channels[-2::-1], config.channels[0]))):
+            last = i == levels - 1
+            self.up.append(
+                nn.ModuleList(
+                    [
+                        ResidualTemporalBlock1D(2 * c_skip, c_out, embed, kernel),
+                        nn.Identity() if last else Upsample1D(c_out, use_conv_transpose=True),
+                    ]
+                )
+            )
+        self.conv_out = nn.Conv1d(config.channels[0], in_channels, kernel, padding=kernel // 2)
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting zero noise
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) predicted noise."""
+        emb = self.embedding(timesteps, condition)  # (B, embed_dim)
+        x = self.conv_in(sample)  # (B, channels[0], L)
+        skips = []
+        for block, downsample in self.down:
+            x = block(x, emb)
+            skips.append(x)  # (B, channels[i], L / 2^i)
+            x = downsample(x)
+        x = self.mid(x, emb)
+        for block, upsample in self.up:
+            x = upsample(block(torch.cat([x, skips.pop()], dim=1), emb))
+        return self.conv_out(x)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
+        super().__init__()
+        self.latent_shape = latent_shape
+        size = latent_shape[0] * latent_shape[1]
+        self.embedding = Embedding(config.embed_dim, condition_dim)
+        self.proj_in = nn.Linear(size, config.hidden)
+        self.blocks = nn.ModuleList(ResidualMLPBlock(config.hidden, config.embed_dim) for _ in range(config.depth))
+        self.proj_out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, size))
+        nn.init.zeros_(self.proj_out[-1].weight)
+        nn.init.zeros_(self.proj_out[-1].bias)
+
+    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) predicted noise."""
+        emb = self.embedding(timesteps, condition)
+        x = self.proj_in(sample.flatten(1))  # (B, hidden)
+        for block in self.blocks:
+            x = block(x, emb)
+        return self.proj_out(x).view(-1, *self.latent_shape)
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, hidden: int, embed_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.emb = nn.Linear(embed_dim, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(nn.functional.silu(self.norm(x))) + self.emb(nn.functional.silu(emb))
+        return x + self.fc2(nn.functional.silu(h))

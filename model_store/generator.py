@@ -1,0 +1,171 @@
+"""`Generator`: background frame(s) -> LoRA adapter(s). The one inference API of the CLI, evaluation and service.
+
+    generator = Generator.from_store(Store("model_store/demo"))
+    [adapter] = generator.generate([Image.open("background.png")], seeds=0, steps=50)  # PEFT-key state dict
+
+Per image: condition features (frozen tower) -> z-score with the stored statistics -> DDIM from seeded noise
+in the VAE's latent space (B, C, L) -> VAE decoder -> un-z-score -> unflatten into PEFT keys.
+
+Determinism: each sample's initial noise comes from its own `torch.Generator` seeded with its seed, and DDIM
+with eta=0 adds no other randomness, so the same image + seed + steps + store gives the same tensors (and,
+through `model_store.lora.adapter_bytes`, the same bytes) on the same device and thread count.
+
+`distance` is the out-of-distribution signal: the Euclidean distance of a frame's z-scored features to the
+nearest stored embedding of a seen location's (training-half) background frame, divided by `distance_scale`,
+the median of the same distance among the stored frames themselves (each to its nearest other frame). So ~1
+means "as close to the training frames as they are to each other"; much larger means a scene unlike any seen
+location, where a generated adapter can be far worse than none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from model_store.backbone import BACKBONE_FILE, BackboneConfig, Classifier, load_backbone
+from model_store.condition import CONDITIONS_FILE, ConditionConfig, ConditionEncoder, nearest, standardize
+from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
+from model_store.lora import LoraLayout, adapter_shapes, unflatten
+from model_store.store import Store, StoreError
+from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
+
+SCHEDULER_FILE = "scheduler/scheduler_config.json"
+GENERATOR_FILES = (BACKBONE_FILE, CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE, DENOISER_FILE, SCHEDULER_FILE)
+
+
+def generator_id(store: Store) -> str:
+    """16 hex digits naming the generator: a hash of its files' hashes, so reports or zoo files added to
+    the store later do not change it."""
+    table = {relpath: store.manifest["files"][relpath]["sha256"] for relpath in GENERATOR_FILES}
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Generator:
+    classifier: Classifier
+    backbone_config: BackboneConfig
+    layout: LoraLayout
+    shapes: dict[str, tuple[int, ...]]
+    classes: list[str]
+    store_id: str
+    base_model_hash: str
+
+    def __init__(self, store: Store, device: str | torch.device = "cpu"):
+        """Prefer `Generator.from_store`. Every file is read through the store, so hashes are checked."""
+        missing = [relpath for relpath in GENERATOR_FILES if not store.has(relpath)]
+        if missing:
+            raise StoreError(
+                f"{store.path(missing[0])}: required generator file is not in the manifest "
+                f"(run `wildpdiff fit` on this store first)"
+            )
+        components = store.manifest["components"]
+        self.device = torch.device(device)
+        self.classes = list(store.manifest["classes"])
+        self.store_id = generator_id(store)
+        self.base_model_hash = store.manifest["files"][BACKBONE_FILE]["sha256"]
+
+        classifier, self.backbone_config = load_backbone(store)
+        self.classifier = classifier.to(self.device)
+        self.layout = LoraLayout.from_dict(components["lora"])
+        self.shapes = adapter_shapes(self.classifier, self.layout)
+
+        self.encoder = ConditionEncoder(
+            self.classifier, self.backbone_config, ConditionConfig.from_dict(components["condition"]["config"])
+        )
+        conditions = store.load_tensors(CONDITIONS_FILE)
+        self.locations: list[str] = list(components["condition"]["locations"])
+        self.condition_mean = conditions["mean"].to(self.device)  # (D,)
+        self.condition_std = conditions["std"].to(self.device)  # (D,)
+        self.references = conditions["features"].to(self.device)  # (N, D) stored frames, raw features
+        self.reference_locations = conditions["location"]  # (N,) index into self.locations
+        self.distance_scale = float(conditions["distance_scale"])
+        self._standard_references = standardize(self.references, self.condition_mean, self.condition_std)
+
+        self.normalization = Normalization.from_tensors(store.load_tensors(NORMALIZATION_FILE))
+        num_params = sum(torch.Size(shape).numel() for shape in self.shapes.values())
+        self.vae = ParameterVAE(num_params, VAEConfig.from_dict(components["vae"]["config"]))
+        self.vae.load_state_dict(store.load_tensors(VAE_FILE))
+        self.vae.requires_grad_(False).eval().to(self.device)
+
+        self.denoiser = build_denoiser(
+            DenoiserConfig.from_dict(components["denoiser"]["config"]), self.vae.latent_shape, self.encoder.dim
+        )
+        self.denoiser.load_state_dict(store.load_tensors(DENOISER_FILE))
+        self.denoiser.requires_grad_(False).eval().to(self.device)
+        self.scheduler_config = dict(store.load_json(SCHEDULER_FILE))
+
+    @classmethod
+    def from_store(cls, store: Store, device: str | torch.device = "cpu") -> Generator:
+        return cls(store, device)
+
+    # --- conditions
+
+    def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Pillow images -> (B, D) raw condition features."""
+        return self.encoder.embed(images)
+
+    def _nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        standard = standardize(features.to(self.device), self.condition_mean, self.condition_std)
+        return nearest(standard, self._standard_references)
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B,) distance to the nearest stored seen-location frame, in units of `distance_scale`
+        (module docstring: ~1 is typical of training frames)."""
+        return (self._nearest(features)[0] / self.distance_scale).cpu()
+
+    def nearest_location(self, features: torch.Tensor) -> list[str]:
+        """(B, D) -> the seen location of the nearest stored frame, per row."""
+        index = self._nearest(features)[1].cpu()
+        return [self.locations[i] for i in self.reference_locations[index].tolist()]
+
+    # --- sampling
+
+    @torch.no_grad()
+    def sample_latents(self, features: torch.Tensor, seeds: Sequence[int], steps: int = 50) -> torch.Tensor:
+        """(B, D) features, B seeds -> (B, C, L) latents by DDIM (eta=0) from each seed's own noise."""
+        if len(seeds) != len(features):
+            raise ValueError(f"{len(features)} condition rows but {len(seeds)} seeds")
+        if not 1 <= steps <= self.scheduler_config["num_train_timesteps"]:
+            raise ValueError(f"steps must be in 1..{self.scheduler_config['num_train_timesteps']}, got {steps}")
+        condition = standardize(features.to(self.device), self.condition_mean, self.condition_std)
+        noise = [
+            torch.randn(self.vae.latent_shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds
+        ]
+        latents = torch.stack(noise).to(self.device)  # (B, C, L); drawn on CPU so every device starts equal
+        # A scheduler per call: `set_timesteps` changes its state, and calls may come from several threads.
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            noise_pred = self.denoiser(latents, t.expand(len(latents)), condition)
+            latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
+        return latents
+
+    @torch.no_grad()
+    def generate_vectors(self, features: torch.Tensor, seeds: Sequence[int], steps: int = 50) -> torch.Tensor:
+        """(B, D) features, B seeds -> (B, P) flat adapter vectors (un-normalised, `self.shapes` order)."""
+        latents = self.sample_latents(features, seeds, steps)
+        return self.normalization.denormalize(self.vae.decode(latents)).cpu()
+
+    def generate(
+        self, images: Sequence[Image.Image], seeds: Sequence[int] | int = 0, steps: int = 50
+    ) -> list[dict[str, torch.Tensor]]:
+        """One adapter (PEFT-key state dict) per image; an int seed is used for every image."""
+        seeds = [seeds] * len(images) if isinstance(seeds, int) else list(seeds)
+        vectors = self.generate_vectors(self.embed(images), seeds, steps)
+        return [{k: v.contiguous() for k, v in unflatten(vector, self.shapes).items()} for vector in vectors]
+
+    def metadata(self, seed: int, steps: int, distance: float) -> dict[str, str]:
+        """What a generated adapter file records about its origin (safetensors metadata: str -> str)."""
+        return {
+            "seed": str(seed),
+            "steps": str(steps),
+            "store_id": self.store_id,
+            "base_model_hash": self.base_model_hash,
+            "lora_config": json.dumps(self.layout.to_dict(), sort_keys=True),
+            "condition_distance": f"{distance:.6f}",
+        }

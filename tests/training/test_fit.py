@@ -1,0 +1,137 @@
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+
+from model_store.backbone import load_backbone
+from model_store.condition import CONDITIONS_FILE
+from model_store.denoiser import DENOISER_FILE
+from model_store.generator import SCHEDULER_FILE
+from model_store.store import MANIFEST, Store, StoreError
+from model_store.vae import VAE_FILE
+from training.cli import main
+from training.data import read_cct
+from training.fit import denoiser_is_current, fit, fit_vae, load_seen_zoo
+from training.profiles import get_profile
+
+
+def copy_store(source, tmp_path):
+    root = tmp_path / "store"
+    shutil.copytree(source, root)
+    return root
+
+
+def without_zoo(source, tmp_path):
+    """A copy of a store whose manifest forgets the zoo (as if `wildpdiff zoo` never ran)."""
+    root = copy_store(source, tmp_path)
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("zoo/")}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def test_fit_writes_every_artifact_with_its_config(smoke_store, smoke_world):
+    store = Store.open(smoke_store)
+    for relpath in (CONDITIONS_FILE, VAE_FILE, DENOISER_FILE, SCHEDULER_FILE, "fit/loss_vae.png"):
+        assert store.has(relpath)
+    assert store.path("fit/loss_denoiser.png").read_bytes().startswith(b"\x89PNG")
+    components = store.manifest["components"]
+    profile = get_profile("smoke").fit
+    assert components["vae"]["config"] == json.loads(json.dumps(profile.vae.to_dict()))
+    assert components["denoiser"]["config"]["kind"] == profile.denoiser.kind
+    assert components["fit"]["vae_steps"] == profile.vae_steps
+    assert store.load_json(SCHEDULER_FILE)["_class_name"] == "DDIMScheduler"
+    assert store.load_json(SCHEDULER_FILE)["clip_sample"] is False
+    assert 0.5 < components["vae"]["latent_std"] < 2.0  # pinned scale
+
+
+def test_only_seen_locations_train_the_generator(smoke_store, smoke_world):
+    dataset = read_cct(smoke_world)
+    store = Store(smoke_store)
+    components = store.manifest["components"]
+    assert components["condition"]["locations"] == dataset.locations("seen")
+    zoo = load_seen_zoo(dataset, store, load_backbone(store)[0])
+    assert components["vae"]["checkpoints"] == len(zoo.vectors)
+    conditions = store.load_tensors(CONDITIONS_FILE)
+    assert conditions["location"].max().item() == len(dataset.locations("seen")) - 1
+    # the training half of the frames: 3 of the smoke world's 6 per location
+    assert len(conditions["features"]) == 3 * len(dataset.locations("seen"))
+
+
+def test_a_rerun_skips_finished_components(smoke_store, smoke_world):
+    before = (smoke_store / MANIFEST).read_bytes()
+    assert fit(read_cct(smoke_world), Store(smoke_store), get_profile("smoke").fit, progress=False) == {}
+    assert (smoke_store / MANIFEST).read_bytes() == before
+
+
+def test_a_new_vae_makes_the_denoiser_stale(smoke_store, smoke_world, tmp_path):
+    root = copy_store(smoke_store, tmp_path)
+    dataset, store = read_cct(smoke_world), Store(root)
+    config = replace(get_profile("smoke").fit, vae_steps=3, denoiser_steps=3, seed=5)
+    fit_vae(store, load_seen_zoo(dataset, store, load_backbone(store)[0]), config, progress=False)
+    assert not denoiser_is_current(store)
+    assert list(fit(dataset, store, config, progress=False)) == ["denoiser"]
+    assert denoiser_is_current(store)
+
+
+def test_force_refits_everything(smoke_store, smoke_world, tmp_path):
+    root = copy_store(smoke_store, tmp_path)
+    config = replace(get_profile("smoke").fit, vae_steps=3, denoiser_steps=3)
+    trained = fit(read_cct(smoke_world), Store(root), config, force=True, progress=False)
+    assert list(trained) == ["condition", "vae", "denoiser"]
+    Store.open(root)  # still consistent
+
+
+def test_fit_refuses_a_store_without_a_zoo(smoke_zoo_store, smoke_world, tmp_path):
+    root = without_zoo(smoke_zoo_store, tmp_path)
+    with pytest.raises(StoreError, match="no LoRA zoo.*wildpdiff zoo"):
+        fit(read_cct(smoke_world), Store(root), get_profile("smoke").fit, progress=False)
+
+
+def test_cli_fit_without_a_zoo_is_one_line_and_exit_2(smoke_zoo_store, smoke_world, tmp_path, capsys):
+    root = without_zoo(smoke_zoo_store, tmp_path)
+    code = main(["fit", "--data", str(smoke_world), "--store", str(root), "--profile", "smoke", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "no LoRA zoo" in err and "Traceback" not in err
+
+
+def test_cli_generate_writes_a_peft_adapter(smoke_store, smoke_world, tmp_path, capsys):
+    image = sorted((smoke_world / "backgrounds").glob("*/001.png"))[0]
+    out = tmp_path / "adapter"
+    args = ["generate", "--store", str(smoke_store), "--background", str(image), "--seed", "4", "--steps", "5"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--out", str(tmp_path / "again")]) == 0
+    weights = "adapter_model.safetensors"
+    assert (out / weights).read_bytes() == (tmp_path / "again" / weights).read_bytes()
+    with safe_open(out / weights, "pt") as f:
+        metadata = f.metadata()
+    assert metadata["seed"] == "4" and metadata["steps"] == "5"
+    assert {"store_id", "base_model_hash", "condition_distance", "lora_config"} <= metadata.keys()
+    backbone, _ = load_backbone(Store(smoke_store))
+    model = PeftModel.from_pretrained(backbone, out)
+    assert any("lora_A" in k and torch.count_nonzero(v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("problem", ["not_an_image", "missing_store", "corrupt_store"])
+def test_cli_generate_errors_are_one_line_and_exit_2(problem, smoke_store, smoke_world, tmp_path, capsys):
+    image = sorted((smoke_world / "backgrounds").glob("*/001.png"))[0]
+    store = smoke_store
+    if problem == "not_an_image":
+        image = tmp_path / "frame.png"
+        image.write_bytes(b"this is not a png")
+    elif problem == "missing_store":
+        store = tmp_path / "nowhere"
+    else:
+        store = copy_store(smoke_store, tmp_path)
+        with open(store / DENOISER_FILE, "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00\x00")
+    code = main(["generate", "--store", str(store), "--background", str(image), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1

@@ -1,0 +1,356 @@
+"""Stage 3: fit the generator (condition embeddings, then the parameter VAE, then the latent denoiser).
+
+    wildpdiff fit --data data/demo --store model_store/demo [--force]
+
+Trains on the zoo checkpoints of the SEEN locations only; interp and unseen locations are evaluation
+references and never touch the generator. Each checkpoint is paired with background frames of its
+location drawn at random from the training half (`model_store.condition.split_backgrounds`); the
+held-out half measures how well fresh frames identify their location (recorded in the manifest).
+
+Writes into the store:
+    conditions.safetensors       stored seen-location frame embeddings, their location index, z-score stats
+    normalization.safetensors    per-coordinate mean/std of the flat adapters
+    vae.safetensors              the parameter VAE
+    denoiser.safetensors         the latent denoiser
+    scheduler/scheduler_config.json   diffusers DDIM config (training noise uses DDPMScheduler.add_noise)
+    fit/loss_vae.png, fit/loss_denoiser.png
+and every component's config and summary in the manifest. Resumable: a finished component is skipped
+(the denoiser also reruns when the files it was trained on changed); `--force` redoes everything.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import matplotlib
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from tqdm import tqdm
+
+from model_store.backbone import Classifier, load_backbone
+from model_store.condition import (
+    CONDITIONS_FILE,
+    ConditionConfig,
+    ConditionEncoder,
+    is_night,
+    location_identification,
+    nearest,
+    split_backgrounds,
+    standardize,
+)
+from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
+from model_store.generator import SCHEDULER_FILE
+from model_store.lora import LoraLayout, adapter_shapes, flatten
+from model_store.store import Store, StoreError, atomic_write_bytes
+from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
+from training.common import seed_everything
+from training.data import CCTDataset, DataError, read_image
+from training.zoo import load_zoo_results
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
+
+
+@dataclass
+class FitConfig:
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    vae_steps: int = 3000
+    vae_batch_size: int = 64
+    vae_lr: float = 1e-3
+    denoiser_steps: int = 4000
+    denoiser_batch_size: int = 64
+    denoiser_lr: float = 1e-3
+    warmup_steps: int = 100  # linear lr warm-up, then cosine decay (both networks)
+    train_timesteps: int = 1000
+    beta_schedule: str = "linear"  # DDPM's; any diffusers beta_schedule name
+    seed: int = 0
+    # These networks are small: one thread is about as fast as two, and on shared cores two threads
+    # spin-wait for each other (measured 16x slower per step with 2 threads under load).
+    threads: int = 1
+
+
+@dataclass
+class Zoo:
+    """The seen locations' checkpoints as flat vectors."""
+
+    locations: list[str]
+    vectors: torch.Tensor  # (N, P)
+    location: torch.Tensor  # (N,) index into `locations`
+
+
+def fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool = False, progress: bool = True) -> dict:
+    """Fit every unfinished component; returns {component: seconds} for the ones trained now."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _fit(dataset, store, config, force, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, progress: bool) -> dict:
+    classifier, _ = load_backbone(store)
+    zoo = load_seen_zoo(dataset, store, classifier)
+    trained = {}
+    if force or not store.has(CONDITIONS_FILE):
+        trained["condition"] = fit_conditions(dataset, store, classifier, zoo.locations, config)
+    if force or not (store.has(VAE_FILE) and store.has(NORMALIZATION_FILE)):
+        trained["vae"] = fit_vae(store, zoo, config, progress)
+    if force or not denoiser_is_current(store):
+        trained["denoiser"] = fit_denoiser(store, zoo, config, progress)
+    if trained:
+        store.set_component("fit", asdict(config))
+    return trained
+
+
+def load_seen_zoo(dataset: CCTDataset, store: Store, classifier: Classifier) -> Zoo:
+    results = load_zoo_results(store, "zoo")
+    seen = dataset.locations("seen")
+    missing = [location for location in seen if location not in results]
+    if len(missing) == len(seen):
+        raise StoreError(f"{store.root}: no LoRA zoo for the seen locations; run `wildpdiff zoo` first")
+    if missing:
+        raise StoreError(
+            f"{store.root}: the zoo is incomplete ({len(missing)} of {len(seen)} seen locations have no finished "
+            f"run, first {missing[0]!r}); rerun `wildpdiff zoo` to finish it"
+        )
+    shapes = adapter_shapes(classifier, LoraLayout.from_dict(store.manifest["components"]["lora"]))
+    vectors, location = [], []
+    for index, name in enumerate(seen):
+        for run in results[name]:
+            for checkpoint in run["checkpoints"]:
+                vectors.append(flatten(store.load_tensors(checkpoint["file"]), shapes))
+                location.append(index)
+    return Zoo(seen, torch.stack(vectors), torch.tensor(location))
+
+
+# -----------------------------------------------------------------------------
+# 1. condition embeddings of the seen locations' training-half background frames
+
+
+def embed_backgrounds(
+    dataset: CCTDataset, encoder: ConditionEncoder, locations: list[str], half: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, D), location index (N,) and night flag (N,) of the `half` ("train" | "fresh") frames."""
+    images, location = [], []
+    for index, name in enumerate(locations):
+        train, fresh = split_backgrounds(dataset.backgrounds(name))
+        readable = [image for image in map(read_image, train if half == "train" else fresh) if image is not None]
+        if not readable:
+            raise DataError(f"location {name!r} has no readable {half} background frames in {dataset.root}")
+        images += readable
+        location += [index] * len(readable)
+    night = torch.tensor([is_night(image) for image in images])
+    return encoder.embed(images), torch.tensor(location), night
+
+
+def fit_conditions(
+    dataset: CCTDataset, store: Store, classifier: Classifier, locations: list[str], config: FitConfig
+) -> float:
+    start = time.perf_counter()
+    encoder = ConditionEncoder(classifier, load_backbone(store)[1], config.condition)
+    features, location, _ = embed_backgrounds(dataset, encoder, locations, "train")
+    mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
+    # Distance unit: how far a stored frame is from its nearest other stored frame (median over frames).
+    standard = standardize(features, mean, std)
+    others = torch.cdist(standard.double(), standard.double()).fill_diagonal_(float("inf"))
+    distance_scale = others.min(dim=1).values.median().float()
+
+    fresh, fresh_location, night = embed_backgrounds(dataset, encoder, locations, "fresh")
+    correct = location_identification(features, location, fresh, fresh_location)
+    fresh_distance = nearest(standardize(fresh, mean, std), standard)[0] / distance_scale
+    store.save_tensors(
+        CONDITIONS_FILE,
+        {"features": features, "location": location, "mean": mean, "std": std, "distance_scale": distance_scale},
+    )
+    store.set_component(
+        "condition",
+        {
+            "config": config.condition.to_dict(),
+            "locations": locations,
+            "dim": encoder.dim,
+            "frames": len(features),
+            # how well one fresh (held-out) frame names its location: 1-NN over the stored frames
+            "location_id": {
+                "all": correct.float().mean().item(),
+                "day": correct[~night].float().mean().item() if (~night).any() else None,
+                "night": correct[night].float().mean().item() if night.any() else None,
+                "frames_day": int((~night).sum()),
+                "frames_night": int(night.sum()),
+            },
+            "fresh_distance_median": fresh_distance.median().item(),
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    return time.perf_counter() - start
+
+
+# -----------------------------------------------------------------------------
+# 2. the parameter VAE
+
+
+def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
+    start = time.perf_counter()
+    generator = seed_everything(config.seed)
+    normalization = Normalization.fit(zoo.vectors)
+    x = normalization.normalize(zoo.vectors)  # (N, P)
+    vae = ParameterVAE(x.shape[1], config.vae)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.vae_steps)
+    losses = []
+    vae.train()
+    bar = tqdm(range(config.vae_steps), desc="vae", unit="step", disable=not progress)
+    for step in bar:
+        batch = x[torch.randint(len(x), (config.vae_batch_size,), generator=generator)]
+        loss = torch.nn.functional.mse_loss(vae(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(x)
+        reconstruction_mse = torch.nn.functional.mse_loss(vae.decode(latents), x).item()
+    store.save_tensors(NORMALIZATION_FILE, normalization.to_tensors())
+    store.save_tensors(VAE_FILE, vae.state_dict())
+    save_loss_plot(store, "fit/loss_vae.png", losses, "parameter VAE: L2 reconstruction (z-scored, noisy)")
+    store.set_component(
+        "vae",
+        {
+            "config": config.vae.to_dict(),
+            "num_params": x.shape[1],
+            "checkpoints": len(x),
+            "steps": config.vae_steps,
+            "batch_size": config.vae_batch_size,
+            "lr": config.vae_lr,
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "reconstruction_mse": reconstruction_mse,  # z-scored, eval mode (no noise)
+            "latent_std": latents.std().item(),
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    return time.perf_counter() - start
+
+
+# -----------------------------------------------------------------------------
+# 3. the latent denoiser
+
+
+def denoiser_inputs(store: Store) -> dict[str, str]:
+    """The files the denoiser is trained from, by hash: when one changes, the denoiser is stale."""
+    return {relpath: store.manifest["files"][relpath]["sha256"] for relpath in (CONDITIONS_FILE, VAE_FILE)}
+
+
+def denoiser_is_current(store: Store) -> bool:
+    component = store.manifest["components"].get("denoiser", {})
+    return (
+        store.has(DENOISER_FILE)
+        and store.has(SCHEDULER_FILE)
+        and store.has(CONDITIONS_FILE)
+        and store.has(VAE_FILE)
+        and component.get("inputs") == denoiser_inputs(store)
+    )
+
+
+def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
+    start = time.perf_counter()
+    generator = seed_everything(config.seed + 1)
+    vae = ParameterVAE(zoo.vectors.shape[1], VAEConfig.from_dict(store.manifest["components"]["vae"]["config"]))
+    vae.load_state_dict(store.load_tensors(VAE_FILE))
+    normalization = Normalization.from_tensors(store.load_tensors(NORMALIZATION_FILE))
+    with torch.no_grad():
+        latents = vae.eval().encode(normalization.normalize(zoo.vectors))  # (N, C, L)
+
+    conditions = store.load_tensors(CONDITIONS_FILE)
+    features = standardize(conditions["features"], conditions["mean"], conditions["std"])  # (F, D)
+    if store.manifest["components"]["condition"]["locations"] != zoo.locations:
+        raise StoreError(f"{store.path(CONDITIONS_FILE)}: stored locations differ from the zoo's; rerun with --force")
+    # Frames of location k are rows offsets[k] .. offsets[k] + counts[k] - 1 of `features` (stored in order).
+    counts = torch.bincount(conditions["location"], minlength=len(zoo.locations))
+    offsets = torch.cumsum(counts, 0) - counts
+
+    scheduler = DDIMScheduler(
+        num_train_timesteps=config.train_timesteps,
+        beta_schedule=config.beta_schedule,
+        clip_sample=False,
+        prediction_type="epsilon",
+        timestep_spacing="trailing",  # sampling starts at t = T-1, pure noise, whatever the step count
+    )
+    noise_scheduler = DDPMScheduler.from_config(scheduler.config)
+    denoiser = build_denoiser(config.denoiser, vae.latent_shape, features.shape[1])
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.denoiser_lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.denoiser_steps)
+    losses = []
+    denoiser.train()
+    bar = tqdm(range(config.denoiser_steps), desc="denoiser", unit="step", disable=not progress)
+    for step in bar:
+        index = torch.randint(len(latents), (config.denoiser_batch_size,), generator=generator)
+        location = zoo.location[index]
+        # each checkpoint meets a random training-half frame of its own location
+        frame = offsets[location] + (torch.rand(len(index), generator=generator) * counts[location]).long()
+        clean = latents[index]
+        noise = torch.randn(clean.shape, generator=generator)
+        t = torch.randint(config.train_timesteps, (len(index),), generator=generator)
+        noisy = noise_scheduler.add_noise(clean, noise, t)
+        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame]), noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+
+    store.save_tensors(DENOISER_FILE, denoiser.state_dict())
+    save_scheduler(store, scheduler)
+    save_loss_plot(store, "fit/loss_denoiser.png", losses, "denoiser: noise-prediction MSE")
+    store.set_component(
+        "denoiser",
+        {
+            "config": config.denoiser.to_dict(),
+            "steps": config.denoiser_steps,
+            "batch_size": config.denoiser_batch_size,
+            "lr": config.denoiser_lr,
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            "inputs": denoiser_inputs(store),
+            "seconds": time.perf_counter() - start,
+        },
+    )
+    return time.perf_counter() - start
+
+
+def save_scheduler(store: Store, scheduler: DDIMScheduler) -> None:
+    """`save_pretrained` into a temp folder beside, then move the file: the store's writes stay atomic."""
+    folder = store.path(SCHEDULER_FILE).parent
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        scheduler.save_pretrained(tmp)
+        Path(tmp, Path(SCHEDULER_FILE).name).replace(store.path(SCHEDULER_FILE))
+    store.register(SCHEDULER_FILE)
+
+
+def save_loss_plot(store: Store, relpath: str, losses: list[float], title: str) -> None:
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.plot(losses, lw=0.5, alpha=0.4, label="step")
+    window = max(1, len(losses) // 50)
+    smooth = torch.tensor(losses).unfold(0, window, 1).mean(1) if len(losses) >= window else torch.tensor(losses)
+    axis.plot(range(window - 1, window - 1 + len(smooth)), smooth, lw=1.5, label=f"mean of {window}")
+    axis.set(title=title, xlabel="step", ylabel="loss", yscale="log")
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    atomic_write_bytes(store.path(relpath), buffer.getvalue())
+    store.register(relpath)
