@@ -5,6 +5,7 @@
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 50]
+    wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
 
 Every failure the user can cause (bad dataset, bad store, missing file) ends in one clear line on
 stderr and exit status 2, never a traceback.
@@ -121,6 +122,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    # Imported here: the service's dependencies are not needed by the training stages.
+    import logging
+
+    import uvicorn
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    given = {"store": args.store, "host": args.host, "port": args.port}
+    settings = Settings(**{k: v for k, v in given.items() if v is not None})  # unset flags: env or defaults
+    app = create_app(settings)  # a bad store raises StoreError here, before the port is bound
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=20)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wildpdiff", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="serve the HTTP API", description="serve the HTTP API (settings: WILDPDIFF_*)")
+    p.add_argument("--store", required=True, help="model store folder with a fitted generator")
+    p.add_argument("--host", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -1,0 +1,115 @@
+"""A small Python client for the service (httpx).
+
+    with WildPDiffClient("http://127.0.0.1:8000") as client:
+        adapter = client.generate_adapter("background.jpg", seed=0)
+        Path(f"{adapter.id}.safetensors").write_bytes(adapter.data)
+        result = client.classify(["frame1.jpg", "frame2.jpg"], adapter_id=adapter.id)
+
+A refusal raises `WildPDiffError` with the server's status and message. When the server is busy (429) the
+client waits for `Retry-After` and tries again, `retries` times.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import httpx
+
+FileLike = str | Path | bytes  # a path, or the file's bytes
+
+
+class WildPDiffError(Exception):
+    def __init__(self, status_code: int, message: str):
+        super().__init__(f"{status_code}: {message}")
+        self.status_code = status_code
+        self.message = message
+
+
+@dataclass
+class GeneratedAdapter:
+    id: str
+    data: bytes  # safetensors bytes, or a zip of a PEFT folder (format="peft")
+    condition_distance: float
+    in_distribution: bool  # condition distance <= the server's OOD threshold
+    headers: httpx.Headers
+
+
+def _file(field: str, item: FileLike, default_name: str) -> tuple[str, tuple[str, bytes]]:
+    if isinstance(item, bytes):
+        return field, (default_name, item)
+    return field, (Path(item).name, Path(item).read_bytes())
+
+
+class WildPDiffClient:
+    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 2):
+        self.retries = retries
+        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def __enter__(self) -> WildPDiffClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _request(self, method: str, url: str, **kwargs) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            response = self._http.request(method, url, **kwargs)
+            if response.status_code != 429 or attempt == self.retries:
+                break
+            time.sleep(float(response.headers.get("Retry-After", "1")))
+        if response.is_error:
+            try:
+                message = response.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text
+            raise WildPDiffError(response.status_code, message)
+        return response
+
+    def generate_adapter(
+        self,
+        background: FileLike,
+        seed: int = 0,
+        steps: int | None = None,
+        format: Literal["safetensors", "peft"] = "safetensors",
+    ) -> GeneratedAdapter:
+        data = {"seed": str(seed), "format": format}
+        if steps is not None:
+            data["steps"] = str(steps)
+        response = self._request("POST", "/adapters", files=[_file("background", background, "background")], data=data)
+        return GeneratedAdapter(
+            id=response.headers["X-Adapter-Id"],
+            data=response.content,
+            condition_distance=float(response.headers["X-Condition-Distance"]),
+            in_distribution=response.headers["X-In-Distribution"] == "true",
+            headers=response.headers,
+        )
+
+    def classify(
+        self,
+        images: list[FileLike],
+        *,
+        adapter_id: str | None = None,
+        adapter: FileLike | None = None,
+        background: FileLike | None = None,
+        seed: int | None = None,
+        steps: int | None = None,
+    ) -> dict:
+        """`{adapter_id, predictions: [{file, label, score, top_k}]}`; give at most one of adapter_id, adapter
+        (a safetensors file) and background (generate first); none classifies with the pretrained backbone."""
+        files = [_file("images", image, f"image{i}") for i, image in enumerate(images)]
+        if adapter is not None:
+            files.append(_file("adapter", adapter, "adapter.safetensors"))
+        if background is not None:
+            files.append(_file("background", background, "background"))
+        fields = {"adapter_id": adapter_id, "seed": seed, "steps": steps}
+        data = {key: str(value) for key, value in fields.items() if value is not None}
+        return self._request("POST", "/classify", files=files, data=data).json()
+
+    def info(self) -> dict:
+        return self._request("GET", "/info").json()

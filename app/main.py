@@ -1,0 +1,46 @@
+"""The FastAPI application. `create_app` loads and verifies the store before anything is served, so a bad
+store stops the server at start with a `StoreError` naming the file, never at the first request.
+
+    uvicorn --factory app.main:create_app       # settings from WILDPDIFF_* environment variables
+    wildpdiff serve --store model_store/demo    # the same, with a one-line error for a bad store
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.limits import BodyLimitMiddleware
+from app.metrics import Metrics, MetricsMiddleware
+from app.routes import router
+from app.runtime import Runtime
+from app.settings import Settings
+from model_store.store import code_version
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    runtime = Runtime.load(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        runtime.close()  # lets the running inference finish, drops the queued ones
+
+    app = FastAPI(
+        title="Wild-P-Diff",
+        summary="LoRA adapters for a camera-trap classifier, generated from one background frame.",
+        version=code_version(),
+        lifespan=lifespan,
+        form_limits={"max_files": settings.max_images + 2, "max_fields": 16},
+    )
+    app.state.runtime = runtime
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last = outermost: counts refusals too
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,115 @@
+"""HTTP routes (DESIGN.md section 7). Thin: read the form, call the runtime, shape the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app import schemas
+from app.runtime import Adapter, Runtime, Upload
+
+router = APIRouter()
+
+ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 404, 413, 415, 422, 429)}
+MAX_SEED = 2**32 - 1
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+Seed = Annotated[int, Form(ge=0, le=MAX_SEED, description="sampling seed; same seed, same adapter")]
+Steps = Annotated[int | None, Form(ge=1, description="DDIM sampling steps (default: the server's)")]
+
+
+async def to_upload(file: UploadFile, fallback: str) -> Upload:
+    return Upload((file.filename or fallback)[:200], await file.read())
+
+
+def adapter_headers(adapter: Adapter) -> dict[str, str]:
+    return {
+        "X-Adapter-Id": adapter.id,
+        "X-Condition-Distance": adapter.metadata["condition_distance"],
+        "X-In-Distribution": str(adapter.in_distribution).lower(),
+    }
+
+
+def header_doc(description: str) -> dict:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+ADAPTER_RESPONSE = {
+    "description": "The adapter: safetensors bytes, or a zip of a PEFT adapter folder (format=peft).",
+    "content": {"application/octet-stream": {}, "application/zip": {}},
+    "headers": {
+        "X-Adapter-Id": header_doc("id for POST /classify (adapter_id)"),
+        "X-Condition-Distance": header_doc("distance to the nearest seen location (1 = typical of training frames)"),
+        "X-In-Distribution": header_doc("true when the distance is within the OOD threshold (see /info)"),
+    },
+}
+
+
+@router.post("/adapters", response_class=Response, responses={200: ADAPTER_RESPONSE, **ERRORS})
+async def create_adapter(
+    runtime: RuntimeDep,
+    background: Annotated[UploadFile, File(description="an empty frame of the location (JPEG, PNG, WebP, GIF)")],
+    seed: Seed = 0,
+    steps: Steps = None,
+    format: Annotated[Literal["safetensors", "peft"], Form()] = "safetensors",
+) -> Response:
+    """Generate a LoRA adapter for the location shown in `background`."""
+    adapter = await runtime.create_adapter(await to_upload(background, "background"), seed, steps)
+    body = await runtime.adapter_file(adapter, format)
+    media_type, suffix = ("application/zip", "zip") if format == "peft" else ("application/octet-stream", "safetensors")
+    headers = adapter_headers(adapter)
+    headers["Content-Disposition"] = f'attachment; filename="adapter-{adapter.id}.{suffix}"'
+    return Response(body, media_type=media_type, headers=headers)
+
+
+@router.post("/classify", response_model=schemas.ClassifyOut, responses=ERRORS)
+async def classify(
+    runtime: RuntimeDep,
+    images: Annotated[list[UploadFile], File(description="one or more frames to classify")],
+    adapter_id: Annotated[str | None, Form(max_length=64, description="an id returned by /adapters")] = None,
+    adapter: Annotated[UploadFile | None, File(description="a safetensors adapter")] = None,
+    background: Annotated[UploadFile | None, File(description="generate an adapter from this frame first")] = None,
+    seed: Seed = 0,
+    steps: Steps = None,
+) -> schemas.ClassifyOut:
+    """Classify frames with one adapter (by id, uploaded, or generated from a background) or none."""
+    chosen, predictions = await runtime.classify(
+        [await to_upload(image, f"images[{i}]") for i, image in enumerate(images)],
+        adapter_id=adapter_id,
+        adapter=adapter and await to_upload(adapter, "adapter"),
+        background=background and await to_upload(background, "background"),
+        seed=seed,
+        steps=steps,
+    )
+    return schemas.ClassifyOut(adapter_id=chosen and chosen.id, predictions=predictions)
+
+
+@router.get("/healthz", response_model=schemas.HealthOut)
+async def healthz() -> schemas.HealthOut:
+    """The process is alive."""
+    return schemas.HealthOut(status="ok")
+
+
+@router.get("/readyz", response_model=schemas.HealthOut)
+async def readyz() -> schemas.HealthOut:
+    """The store is loaded and verified: `create_app` refuses to build an app otherwise."""
+    return schemas.HealthOut(status="ready")
+
+
+@router.get("/info", response_model=schemas.InfoOut)
+async def info(runtime: RuntimeDep) -> schemas.InfoOut:
+    """Classes, LoRA layout, versions and id of the loaded store."""
+    return schemas.InfoOut(**runtime.info())
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(runtime: RuntimeDep) -> Response:
+    """Prometheus metrics."""
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

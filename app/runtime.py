@@ -1,0 +1,280 @@
+"""The model side of the service: a verified store's generator, an adapter cache, and the work queue.
+
+Concurrency. All torch work runs on ONE inference thread, never on the event loop. One, because
+`adapted_logits` goes through `torch.func.functional_call`, which swaps the adapter's weights into the
+shared classifier for the duration of the call: two threads would see each other's adapters. Torch's own
+intra-op threads use the cores instead. In front of that thread, at most `max_pending` requests are
+admitted (running + waiting); the next one is refused at once with 429 + Retry-After rather than queued
+without bound (research/reliability.md section 5).
+
+Adapter ids are derived from what determines the adapter: store id, the uploaded file's sha256, seed and
+steps (generated), or the adapter's tensors (uploaded). So the same request gives the same id and the
+same bytes, and a repeated request is answered from the LRU cache without generating again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import tempfile
+import zipfile
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+import torch
+from starlette.concurrency import run_in_threadpool
+
+from app.errors import ApiError
+from app.images import decode_image
+from app.metrics import Metrics
+from app.schemas import LabelScore, Prediction
+from app.settings import Settings
+from model_store.backbone import normalize, to_uint8
+from model_store.generator import Generator
+from model_store.lora import (
+    adapted_logits,
+    adapter_bytes,
+    load_adapter_bytes,
+    save_adapter_dir,
+    unflatten,
+    validate_adapter,
+)
+from model_store.store import Store, code_version
+
+log = logging.getLogger("app")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Upload:
+    name: str
+    data: bytes
+
+
+@dataclass
+class Adapter:
+    id: str
+    state: dict[str, torch.Tensor]
+    metadata: dict[str, str]  # the safetensors __metadata__ (str -> str)
+    distance: float | None  # condition distance to the nearest seen location (generated adapters only)
+    in_distribution: bool | None  # distance <= the OOD threshold (generated adapters only)
+
+
+class AdapterCache:
+    """Bounded LRU of adapters by id. Touched only from the event loop, so it needs no lock."""
+
+    def __init__(self, size: int, metrics: Metrics):
+        self.size, self.metrics = size, metrics
+        self._items: OrderedDict[str, Adapter] = OrderedDict()
+
+    def get(self, adapter_id: str) -> Adapter | None:
+        adapter = self._items.get(adapter_id)
+        self.metrics.cache.labels("hit" if adapter else "miss").inc()
+        if adapter:
+            self._items.move_to_end(adapter_id)
+        return adapter
+
+    def put(self, adapter: Adapter) -> None:
+        self._items[adapter.id] = adapter
+        self._items.move_to_end(adapter.id)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device(name)
+
+
+class Runtime:
+    def __init__(self, generator: Generator, store: Store, settings: Settings, metrics: Metrics):
+        self.generator, self.store, self.settings, self.metrics = generator, store, settings, metrics
+        self.device = next(generator.classifier.parameters()).device
+        self.cache = AdapterCache(settings.adapter_cache_size, metrics)
+        # A threshold calibrated into the store wins; the setting is the fallback for stores without one.
+        self.ood_threshold = store.manifest["components"]["condition"].get("ood_threshold", settings.ood_threshold)
+        self.max_steps = generator.scheduler_config["num_train_timesteps"]
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-inference")
+        self._pending = 0
+
+    @classmethod
+    def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
+        """Open and verify the store, load the generator. Raises StoreError (or ValueError) if unusable."""
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        device = resolve_device(settings.device)
+        store = Store(settings.store)
+        generator = Generator.from_store(store, device=str(device))
+        log.info("store %s loaded on %s (%d classes)", generator.store_id, device, len(generator.classes))
+        return cls(generator, store, settings, metrics)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # --- admission and the inference thread
+
+    @contextmanager
+    def _admit(self) -> Iterator[None]:
+        if self._pending >= self.settings.max_pending:
+            raise ApiError(
+                429,
+                f"server busy: {self._pending} requests in progress; retry later",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            )
+        self._pending += 1
+        self.metrics.queue_depth.set(self._pending)
+        try:
+            yield
+        finally:
+            self._pending -= 1
+            self.metrics.queue_depth.set(self._pending)
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # --- generation
+
+    def _adapter_id(self, *parts: str) -> str:
+        return hashlib.sha256("\0".join([self.generator.store_id, *parts]).encode()).hexdigest()[:32]
+
+    async def create_adapter(self, background: Upload, seed: int, steps: int | None) -> Adapter:
+        steps = steps or self.settings.default_steps
+        if steps > self.max_steps:
+            raise ApiError(422, f"steps: at most {self.max_steps} for this store (its scheduler's timesteps)")
+        adapter_id = self._adapter_id("generated", hashlib.sha256(background.data).hexdigest(), str(seed), str(steps))
+        if cached := self.cache.get(adapter_id):
+            return cached
+        with self._admit():
+            adapter = await self._run(self._generate, adapter_id, background, seed, steps)
+        self.metrics.generations.inc()
+        self.cache.put(adapter)
+        return adapter
+
+    def _generate(self, adapter_id: str, background: Upload, seed: int, steps: int) -> Adapter:
+        image = decode_image(background.data, background.name, self.settings.max_image_pixels)
+        g = self.generator
+        with torch.inference_mode():
+            features = g.embed([image])
+            distance = float(g.distance(features)[0])
+            state = unflatten(g.generate_vectors(features, [seed], steps)[0], g.shapes)
+        metadata = {
+            "adapter_id": adapter_id,
+            **g.metadata(seed, steps, distance),
+            "nearest_location": g.nearest_location(features)[0],
+        }
+        return Adapter(adapter_id, state, metadata, distance, distance <= self.ood_threshold)
+
+    async def adapter_file(self, adapter: Adapter, format: str) -> bytes:
+        """The adapter as safetensors bytes, or as a PEFT folder zipped (format="peft"); off the event loop,
+        as the PEFT writer touches the disk."""
+        if format == "peft":
+            return await run_in_threadpool(self._peft_zip, adapter)
+        return await run_in_threadpool(adapter_bytes, adapter.state, adapter.metadata)
+
+    def _peft_zip(self, adapter: Adapter) -> bytes:
+        """A zip of `adapter_config.json` + `adapter_model.safetensors`; same adapter, same bytes."""
+        buffer = io.BytesIO()
+        with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+            base_model = f"wildpdiff:{self.generator.store_id}"
+            save_adapter_dir(tmp, adapter.state, self.generator.layout, base_model, adapter.metadata)
+            for path in sorted(Path(tmp).iterdir()):
+                info = zipfile.ZipInfo(path.name, date_time=(1980, 1, 1, 0, 0, 0))  # fixed: reproducible bytes
+                info.compress_type = zipfile.ZIP_DEFLATED
+                archive.writestr(info, path.read_bytes())
+        return buffer.getvalue()
+
+    # --- uploaded adapters
+
+    def _parse_adapter(self, upload: Upload) -> Adapter:
+        # An adapter is a few thousand floats; refusing big files first also bounds the safetensors header.
+        limit = 8 * sum(torch.Size(s).numel() for s in self.generator.shapes.values()) + 65536
+        if len(upload.data) > limit:
+            raise ApiError(413, f"{upload.name}: {len(upload.data)} bytes is too large for this store's adapters")
+        try:
+            state, _ = load_adapter_bytes(upload.data)
+            validate_adapter(state, self.generator.shapes)
+        except ValueError as e:
+            raise ApiError(422, f"{upload.name}: {e}") from None
+        state = {key: tensor.float() for key, tensor in state.items()}
+        digest = hashlib.sha256(adapter_bytes(state, {})).hexdigest()
+        adapter_id = self._adapter_id("uploaded", digest)
+        return Adapter(adapter_id, state, {"adapter_id": adapter_id}, None, None)
+
+    # --- classification
+
+    async def classify(
+        self,
+        images: list[Upload],
+        *,
+        adapter_id: str | None = None,
+        adapter: Upload | None = None,
+        background: Upload | None = None,
+        seed: int = 0,
+        steps: int | None = None,
+    ) -> tuple[Adapter | None, list[Prediction]]:
+        if sum(x is not None for x in (adapter_id, adapter, background)) > 1:
+            raise ApiError(422, "give at most one of adapter_id, adapter, background")
+        if len(images) > self.settings.max_images:
+            raise ApiError(400, f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+        chosen = None
+        if adapter_id is not None:
+            chosen = self.cache.get(adapter_id)
+            if chosen is None:
+                raise ApiError(404, f"unknown adapter id {adapter_id!r} (expired or never created): post it again")
+        elif background is not None:
+            chosen = await self.create_adapter(background, seed, steps)
+        with self._admit():
+            if adapter is not None:
+                chosen = await self._run(self._parse_adapter, adapter)
+                self.cache.put(chosen)
+            predictions = await self._run(self._classify, images, chosen)
+        return chosen, predictions
+
+    def _classify(self, uploads: list[Upload], adapter: Adapter | None) -> list[Prediction]:
+        g = self.generator
+        # Shrink each image to the model's size as soon as it is decoded: 64 highly compressible 40 MP
+        # images fit in one upload, but must never be held in memory at full size all at once.
+        size = g.backbone_config.image_size
+        small = [to_uint8(decode_image(u.data, u.name, self.settings.max_image_pixels), size) for u in uploads]
+        pixels = normalize(torch.from_numpy(np.stack(small)).to(self.device), g.backbone_config)
+        with torch.inference_mode():
+            if adapter is None:
+                logits = g.classifier(pixels)
+            else:
+                state = {key: tensor.to(self.device) for key, tensor in adapter.state.items()}
+                logits = adapted_logits(g.classifier, state, g.layout, pixels)
+            probs = logits.float().softmax(dim=-1).cpu()
+        k = min(self.settings.top_k, probs.shape[1])
+        scores, indices = probs.topk(k, dim=1)
+        predictions = []
+        for upload, top_scores, top_indices in zip(uploads, scores.tolist(), indices.tolist(), strict=True):
+            top_k = [LabelScore(label=g.classes[i], score=s) for i, s in zip(top_indices, top_scores, strict=True)]
+            predictions.append(Prediction(file=upload.name, label=top_k[0].label, score=top_k[0].score, top_k=top_k))
+        return predictions
+
+    # --- description
+
+    def info(self) -> dict:
+        g = self.generator
+        return {
+            "store_id": g.store_id,
+            "base_model_hash": g.base_model_hash,
+            "profile": self.store.manifest.get("profile", ""),
+            "classes": g.classes,
+            "lora": g.layout.to_dict(),
+            "adapter_parameters": sum(torch.Size(s).numel() for s in g.shapes.values()),
+            "device": str(self.device),
+            "ood_threshold": self.ood_threshold,
+            "versions": {"wild_p_diff": code_version(), "torch": torch.__version__},
+        }

@@ -1,0 +1,42 @@
+"""Service settings: one pydantic-settings class, read from `WILDPDIFF_*` environment variables (or `.env`).
+
+Defaults are the safe ones: bind to localhost, bounded uploads, pixels, images per request and queue.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WILDPDIFF_", env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    store: Path = Field(Path("model_store/demo"), description="model store folder (verified at start)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available, else CPU
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # Input limits. A request body is counted as it streams in, so a lying Content-Length does not help.
+    max_upload_bytes: int = Field(32 * MiB, ge=1024, description="largest request body")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
+    max_images: int = Field(64, ge=1, description="most images in one /classify request")
+
+    # Work limits: requests beyond `max_pending` (running + waiting) are refused with 429 + Retry-After.
+    max_pending: int = Field(16, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
+
+    adapter_cache_size: int = Field(256, ge=1, description="adapters kept for lookups by adapter_id")
+    default_steps: int = Field(50, ge=1, le=1000, description="DDIM steps when a request names none")
+    top_k: int = Field(3, ge=1, description="labels listed per prediction")
+    # X-In-Distribution: condition distance <= threshold. A threshold calibrated into the store (manifest
+    # components.condition.ood_threshold) wins; this provisional one is used otherwise. Distances are in units
+    # of the typical spacing of the training frames; on the smoke store fresh frames of seen locations measure
+    # 0.1-2.2 (median 0.5), unseen locations 1.8-3.7 (median 3.3).
+    ood_threshold: float = Field(2.0, gt=0)

@@ -1,0 +1,86 @@
+"""End to end over real HTTP (uvicorn in a thread): the client, adapter isolation under concurrency, 429."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+
+from app.client import WildPDiffClient, WildPDiffError
+from tests.app.conftest import serve
+
+
+@pytest.fixture(scope="module")
+def server(make_app):
+    with serve(make_app()) as url:
+        yield url
+
+
+def test_client_round_trip(server, backgrounds, frames, tmp_path):
+    with WildPDiffClient(server) as client:
+        adapter = client.generate_adapter(backgrounds[0], seed=3, steps=5)
+        assert adapter.data[:8] and adapter.condition_distance >= 0
+        assert client.generate_adapter(backgrounds[0], seed=3, steps=5).data == adapter.data
+        path = tmp_path / "frame.png"
+        path.write_bytes(frames[0])
+        result = client.classify([path, frames[1]], adapter_id=adapter.id)
+        assert result["adapter_id"] == adapter.id
+        assert [p["file"] for p in result["predictions"]] == ["frame.png", "image1"]
+        assert client.info()["classes"]
+        with pytest.raises(WildPDiffError) as info:
+            client.classify([frames[0]], adapter_id="f" * 32)
+        assert info.value.status_code == 404
+
+
+def test_concurrent_requests_never_mix_adapters(server, backgrounds, frames):
+    with WildPDiffClient(server) as client:
+        adapters = [client.generate_adapter(background, seed=0, steps=5).id for background in backgrounds]
+        # The pretrained backbone (None) is a third "adapter"; each gives its own reference answer.
+        choices = [*adapters, None]
+        expected = {a: client.classify(frames, adapter_id=a)["predictions"] for a in choices}
+    scores = {a: [p["top_k"] for p in expected[a]] for a in choices}
+    assert scores[adapters[0]] != scores[adapters[1]] != scores[None]
+
+    async def call(http: httpx.AsyncClient, adapter_id: str | None) -> tuple[str | None, list]:
+        files = [("images", (f"image{i}", frame)) for i, frame in enumerate(frames)]
+        data = {"adapter_id": adapter_id} if adapter_id else {}
+        response = await http.post("/classify", files=files, data=data)
+        response.raise_for_status()
+        return adapter_id, response.json()["predictions"]
+
+    async def many() -> list:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as http:
+            return await asyncio.gather(*(call(http, choices[i % 3]) for i in range(15)))
+
+    for adapter_id, predictions in asyncio.run(many()):
+        assert predictions == expected[adapter_id]
+
+
+def test_full_queue_answers_429_with_retry_after(make_app, backgrounds):
+    app = make_app(max_pending=1)
+    runtime = app.state.runtime
+    release, entered = threading.Event(), threading.Event()
+    embed = runtime.generator.embed
+
+    def blocking_embed(images):  # holds the only slot until the test says so
+        entered.set()
+        release.wait(timeout=30)
+        return embed(images)
+
+    runtime.generator.embed = blocking_embed
+    with serve(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        first: dict = {}
+        thread = threading.Thread(
+            target=lambda: first.update(r=http.post("/adapters", files={"background": ("a.png", backgrounds[0])}))
+        )
+        thread.start()
+        assert entered.wait(timeout=30)
+        busy = http.post("/adapters", files={"background": ("b.png", backgrounds[1])})
+        assert busy.status_code == 429 and int(busy.headers["Retry-After"]) >= 1 and "busy" in busy.json()["error"]
+        assert http.get("/healthz").status_code == 200  # cheap routes are never queued
+        release.set()
+        thread.join(timeout=30)
+        assert first["r"].status_code == 200
+        assert http.post("/adapters", files={"background": ("b.png", backgrounds[1])}).status_code == 200
