@@ -13,8 +13,12 @@ PEFT's MultiheadAttention applies an adapter by merging it into the shared modul
 forward and unmerging after, so two threads sharing one model would mix adapters. Worse, up to at least
 peft 0.21 that merge adds the out_proj delta twice (huggingface/peft PR #3774), so a PeftModel computes
 with W + 2 * scale * B @ A on out_proj. We therefore never run PEFT's forward: `adapted_logits` computes
-the merged weights as new tensors and runs the untouched classifier through `torch.func.functional_call`,
-for serving and for training alike (`init_adapter` gives PEFT's initialisation). PEFT defines the format.
+the merged weights as new tensors and runs the classifier through `torch.func.functional_call`, for
+serving and for training alike (`init_adapter` gives PEFT's initialisation). PEFT defines the format.
+
+`functional_call` swaps the merged tensors into the module for the duration of the call, so it leaves the
+classifier's own weights untouched afterwards but is NOT safe for two threads sharing one classifier:
+callers serialise model work (the service runs it on a single inference thread).
 """
 
 from __future__ import annotations
@@ -216,5 +220,6 @@ def merged_weights(
 def adapted_logits(
     classifier: Classifier, state: dict[str, torch.Tensor], layout: LoraLayout, pixels: torch.Tensor
 ) -> torch.Tensor:
-    """Logits (B, classes) of the classifier with the adapter applied; the module itself is left unchanged."""
+    """Logits (B, classes) of the classifier with the adapter applied; the module's weights are restored after
+    the call. Not thread-safe on a shared classifier (module docstring)."""
     return functional_call(classifier, merged_weights(classifier, state, layout), (pixels,))
