@@ -6,6 +6,12 @@
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 50]
     wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
+    wildpdiff backgrounds --data DATA --out DIR [--force]        (median backgrounds of real data)
+
+Real data (docs/recipes.md): any COCO Camera Traps folder; without tasks.json the roles are derived
+and recorded in STORE/tasks.json (`--tasks FILE` overrides), and without backgrounds/ they are
+derived into STORE/backgrounds/. Pretrained towers come from local files only: `--backbone MODEL
+--backbone-weights PATH [--image-mean R G B --image-std R G B]`.
 
 Every failure the user can cause (bad dataset, bad store, missing file) ends in one clear line on
 stderr and exit status 2, never a traceback.
@@ -16,11 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
-from model_store.backbone import BACKBONE_FILE
+from model_store.backbone import BACKBONE_FILE, open_clip_backbone
 from model_store.store import Store, StoreError
-from training.data import DataError, read_cct
+from training.data import CCTDataset, DataError, read_cct, scan_cct
 from training.profiles import PROFILES, Profile, get_profile
 
 
@@ -42,18 +49,69 @@ def cmd_world(args: argparse.Namespace) -> None:
     print(f"world written to {args.out} ({counts} locations) in {time.perf_counter() - start:.1f} s")
 
 
-def _dataset(args: argparse.Namespace):
-    dataset = read_cct(args.data)
+def _dataset(args: argparse.Namespace) -> CCTDataset:
+    dataset = read_cct(args.data, tasks=args.tasks, backgrounds=args.backgrounds)
     print(dataset.summary())
+    for note in dataset.notes:
+        print(f"note: {note}")
     return dataset
+
+
+def _adopt(dataset: CCTDataset, store: Store, args: argparse.Namespace) -> None:
+    """Record the roles in STORE/tasks.json; derive missing backgrounds into STORE/backgrounds/ (never into DATA)."""
+    if not store.has("tasks.json") or store.load_json("tasks.json") != dataset.tasks:
+        store.save_json("tasks.json", dataset.tasks)
+    if dataset.background_root is not None or (dataset.root / "backgrounds").is_dir():
+        return
+    from training.backgrounds import write_backgrounds
+
+    dataset.background_root = store.path("backgrounds")
+    locations = [loc for role in ("seen", "interp", "unseen") for loc in dataset.locations(role)]
+    written = write_backgrounds(dataset, dataset.background_root, locations, progress=not args.quiet)
+    if written:
+        store.register(*(str(path.relative_to(store.root)) for path in written))
+        print(f"derived {len(written)} background frames of {len(locations)} locations into {dataset.background_root}")
+
+
+def _apply_model_options(profile: Profile, args: argparse.Namespace) -> None:
+    """--backbone / --condition flags -> the profile's configs (flags a stage lacks count as unset)."""
+    backbone, weights = getattr(args, "backbone", None), getattr(args, "backbone_weights", None)
+    mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
+    if weights and not backbone:
+        raise ValueError("--backbone-weights needs --backbone MODEL")
+    if backbone:
+        if not weights:
+            raise ValueError("--backbone needs --backbone-weights PATH (a local checkpoint; nothing is downloaded)")
+        profile.backbone = open_clip_backbone(backbone, weights, mean, std)
+    else:
+        profile.backbone.mean = tuple(mean or profile.backbone.mean)
+        profile.backbone.std = tuple(std or profile.backbone.std)
+
+    condition, condition_weights = getattr(args, "condition", None), getattr(args, "condition_weights", None)
+    if not (condition or condition_weights):
+        return
+    if not {"model_name", "weights"} <= {f.name for f in fields(profile.fit.condition)}:
+        raise ValueError(
+            "--condition: the condition encoder cannot load a tower of its own yet (model_store/condition.py); "
+            "it uses the backbone's tower, so pass the pretrained model with --backbone"
+        )
+    if not (condition and condition_weights):
+        raise ValueError("--condition and --condition-weights go together")
+    if not Path(condition_weights).is_file():
+        raise FileNotFoundError(f"open_clip weights file not found: {condition_weights}")
+    profile.fit.condition.source = "open_clip"
+    profile.fit.condition.model_name = condition
+    profile.fit.condition.weights = str(Path(condition_weights).resolve())
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from training.pretrain import pretrain
 
     profile = get_profile(args.profile)
+    _apply_model_options(profile, args)
     dataset = _dataset(args)
     store = open_or_create_store(args.store, profile)
+    _adopt(dataset, store, args)
     if store.has(BACKBONE_FILE) and not args.force:
         print(f"{args.store} already holds a pretrained backbone; pass --force to train it again")
         return
@@ -71,6 +129,7 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     profile = get_profile(args.profile)
     dataset = _dataset(args)
     store = Store.open(args.store, required=[BACKBONE_FILE])
+    _adopt(dataset, store, args)
     zoo = profile.zoo
     for name in ("interval", "workers", "runs", "checkpoints"):
         if getattr(args, name) is not None:
@@ -89,8 +148,10 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from training.fit import fit
 
     profile = get_profile(args.profile)
+    _apply_model_options(profile, args)
     dataset = _dataset(args)
     store = Store.open(args.store, required=[BACKBONE_FILE])
+    _adopt(dataset, store, args)
     start = time.perf_counter()
     trained = fit(dataset, store, profile.fit, force=args.force, progress=not args.quiet)
     if not trained:
@@ -122,6 +183,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_backgrounds(args: argparse.Namespace) -> None:
+    from training.backgrounds import write_backgrounds
+
+    dataset = scan_cct(args.data)
+    print(dataset.summary())
+    locations = sorted(dataset.frames)
+    written = write_backgrounds(dataset, Path(args.out), locations, force=args.force, progress=not args.quiet)
+    print(f"{len(written)} background frames of {len({p.parent for p in written})} locations written to {args.out}")
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     # Imported here: the service's dependencies are not needed by the training stages.
     import logging
@@ -138,6 +209,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=20)
 
 
+def backbone_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pretrained backbone (local files only; nothing is downloaded)")
+    g.add_argument(
+        "--backbone",
+        metavar="MODEL",
+        help="open_clip model name (e.g. ViT-B-32) or an open_clip model config .json; "
+        "default: the profile's small ViT trained from scratch",
+    )
+    g.add_argument("--backbone-weights", metavar="PATH", help="local open_clip checkpoint of MODEL (.safetensors)")
+    g.add_argument(
+        "--image-mean", type=float, nargs=3, metavar=("R", "G", "B"), help="input mean (with --backbone: OpenAI CLIP's)"
+    )
+    g.add_argument(
+        "--image-std", type=float, nargs=3, metavar=("R", "G", "B"), help="input std (with --backbone: OpenAI CLIP's)"
+    )
+
+
+def condition_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("condition encoder (default: the backbone's tower)")
+    g.add_argument(
+        "--condition", metavar="MODEL", help="open_clip model of a separate condition encoder (not supported yet)"
+    )
+    g.add_argument("--condition-weights", metavar="PATH", help="local open_clip checkpoint of the condition MODEL")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wildpdiff", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         if needs_data:
             p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
             p.add_argument("--store", required=True, help="model store folder (created if missing)")
+            p.add_argument("--tasks", metavar="FILE", help="location roles (default: DATA/tasks.json, else derived)")
+            p.add_argument(
+                "--backgrounds", metavar="DIR", help="<location>/*.png (default: DATA/backgrounds, else derived)"
+            )
         p.add_argument("--profile", default="demo", choices=sorted(PROFILES), help="size profile (default: demo)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
@@ -159,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("pretrain", "pretrain the backbone on the pretrain locations")
     p.add_argument("--steps", type=int, help="training steps (default: the profile's)")
     p.add_argument("--force", action="store_true", help="train again even if the store has a backbone")
+    backbone_options(p)
     p.set_defaults(func=cmd_pretrain)
 
     p = stage("zoo", "fine-tune LoRA checkpoints per location (resumable)")
@@ -170,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("fit", "fit the generator (condition embeddings, parameter VAE, denoiser) on the seen zoo")
     p.add_argument("--force", action="store_true", help="fit again even if the store holds a fitted generator")
+    condition_options(p)
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("generate", help="generate a PEFT LoRA adapter folder from one background frame")
@@ -179,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "backgrounds",
+        help="median background frames of every location from its empty frames",
+        description="median background frames of every location from its empty train/val frames (DIR/<location>/)",
+    )
+    p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
+    p.add_argument("--out", required=True, help="output folder (the dataset folder is never written to)")
+    p.add_argument("--force", action="store_true", help="recompute locations that already have backgrounds in OUT")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_backgrounds)
 
     p = sub.add_parser("serve", help="serve the HTTP API", description="serve the HTTP API (settings: WILDPDIFF_*)")
     p.add_argument("--store", required=True, help="model store folder with a fitted generator")

@@ -1,18 +1,36 @@
 """Reader for COCO Camera Traps folders: the one way every stage gets frames, synthetic or real.
 
 A dataset folder holds `annotations.json` (images with a `location` and `seq_id`, annotations,
-categories with id 0 = empty), image files, `backgrounds/<location>/*.png` and `tasks.json` naming
-which locations play which role (pretrain / seen / interp / unseen).
+categories), image files, and optionally `backgrounds/<location>/*.png` and `tasks.json` naming which
+locations play which role (pretrain / seen / interp / unseen).
+
+Real CCT data (LILA and others) varies; what the reader accepts and does:
+- image ids, category ids and locations may be integers or strings. A location becomes a string in
+  which every character other than letters, digits, `.`, `_` and `-` is replaced by `_` (locations
+  name folders in the store); two locations that become the same name are an error;
+- the empty class: every category named empty / blank / nothing / none / no animal (any case, `_` or
+  `-` for spaces), or, if none is so named, category id 0 (the CCT convention). They merge into class
+  0, "empty"; the other categories follow in id order;
+- several annotations on one image: an animal wins over empty, the first listed animal over later ones;
+- sequence-level labels: an annotation that names a `seq_id` instead of an image, or one flagged
+  `sequence_level_annotation` on an image of a sequence, labels every frame of that sequence that has
+  no annotation of its own. (LILA sets already copy such labels onto every frame, so a frame labelled
+  "zebra" may show an animal that has left; nothing here can tell.)
+- images flagged `corrupt`, listed files that are missing, and files that cannot be decoded are
+  skipped and counted, never fatal. Images of any size are resized to the backbone's input on loading.
 
 Splits: an image's own `split` field when present (the synthetic world writes one), else a hash of
 its `seq_id`, so frames of one sequence never straddle train and test.
-Listed files that are missing or unreadable are skipped and counted, never fatal.
+
+Roles: the folder's `tasks.json`, or an explicit dict / file (`read_cct(root, tasks=...)`); with
+neither, they are derived from label counts by fixed rules (`training.tasks`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +44,7 @@ from model_store.backbone import to_uint8
 ROLES = ("pretrain", "seen", "interp", "unseen")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.15}  # test takes the rest
+EMPTY_NAMES = {"empty", "blank", "nothing", "none", "no animal"}  # compared lower-case, "_" and "-" as spaces
 
 
 class DataError(Exception):
@@ -38,6 +57,7 @@ class Frame:
     label: int  # index into CCTDataset.categories
     location: str
     split: str
+    datetime: str = ""  # as written in the data ("2011-07-17 11:29:30"); "" when unknown
 
 
 @dataclass
@@ -48,7 +68,10 @@ class CCTDataset:
     tasks: dict[str, list[str]]
     missing: int = 0  # listed files not on disk, skipped
     unlabelled: int = 0  # images without an annotation, skipped
+    corrupt: int = 0  # images flagged `corrupt` in the metadata, skipped
     unreadable: Counter = field(default_factory=Counter)  # location -> corrupt files met while loading
+    background_root: Path | None = None  # folder of <location>/*.png; default root/backgrounds
+    notes: list[str] = field(default_factory=list)  # what the reader decided that the user should know
 
     def locations(self, role: str) -> list[str]:
         return list(self.tasks.get(role, []))
@@ -67,13 +90,13 @@ class CCTDataset:
 
     def backgrounds(self, location: str) -> list[Path]:
         """Background (empty) frames of a location, sorted by name."""
-        folder = self.root / "backgrounds" / location
+        folder = (self.background_root or self.root / "backgrounds") / location
         return sorted(p for p in folder.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
     def _load(self, frames: list[Frame], image_size: int, location: str) -> tuple[torch.Tensor, torch.Tensor]:
         pixels, labels = [], []
         for frame in frames:
-            image = read_image(frame.file)
+            image = read_image(frame.file, image_size)
             if image is None:
                 self.unreadable[location] += 1
                 continue
@@ -84,22 +107,34 @@ class CCTDataset:
         return torch.from_numpy(np.stack(pixels)), torch.tensor(labels, dtype=torch.long)
 
     def summary(self) -> str:
-        skipped = self.missing + self.unlabelled + sum(self.unreadable.values())
+        unreadable = sum(self.unreadable.values())
+        skipped = self.corrupt + self.missing + self.unlabelled + unreadable
         return (
             f"{sum(len(v) for v in self.frames.values())} frames in {len(self.frames)} locations, "
-            f"{len(self.categories)} classes; skipped {skipped} "
-            f"(missing {self.missing}, unlabelled {self.unlabelled}, unreadable {sum(self.unreadable.values())})"
+            f"{len(self.categories)} classes; skipped {skipped} (corrupt {self.corrupt}, missing {self.missing}, "
+            f"unlabelled {self.unlabelled}, unreadable {unreadable})"
         )
 
 
-def read_image(path: Path) -> Image.Image | None:
-    """A fully decoded image, or None if the file is missing, truncated or not an image."""
+def read_image(path: Path, size: int | None = None) -> Image.Image | None:
+    """A fully decoded image, or None if the file is missing, truncated or not an image.
+
+    With `size`, a JPEG may be decoded at a reduced scale that still covers size x size pixels (much
+    faster for multi-megapixel camera-trap frames that are resized to the backbone's input anyway).
+    """
     try:
         with Image.open(path) as image:
+            if size is not None:
+                image.draft("RGB", (size, size))
             image.load()
             return image.copy()
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError):
         return None
+
+
+def location_name(raw) -> str:
+    """A location id from the data (string or integer) -> the name used for folders and in tasks.json."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(raw)) or "_"
 
 
 def _hash_split(key: str) -> str:
@@ -120,61 +155,154 @@ def _read_json(path: Path, what: str) -> dict:
         raise DataError(f"{what} is not valid JSON: {path} ({err})") from err
 
 
-def read_cct(root: str | Path) -> CCTDataset:
-    """Parse and validate a CCT folder. Raises DataError with a clear message on unusable input."""
+def read_cct(
+    root: str | Path, tasks: dict | str | Path | None = None, backgrounds: str | Path | None = None
+) -> CCTDataset:
+    """Parse and validate a CCT folder with its roles. Raises DataError with a clear message on unusable input.
+
+    `tasks`: a dict or the path of a tasks.json; default the folder's own tasks.json, and without one,
+    roles derived from label counts (`training.tasks.derive_tasks`). `backgrounds`: the folder that holds
+    `<location>/*.png`; default the dataset's `backgrounds/`.
+    """
+    dataset = scan_cct(root)
+    if backgrounds is not None:
+        dataset.background_root = Path(backgrounds)
+    if tasks is None and (dataset.root / "tasks.json").is_file():
+        tasks = dataset.root / "tasks.json"
+    if tasks is None:
+        from training.tasks import derive_tasks  # imported here: the rules read this module's frames
+
+        tasks = derive_tasks(dataset)
+        where = "derived tasks"
+    elif isinstance(tasks, dict):
+        where = "tasks"
+    else:
+        where = str(tasks)
+        tasks = _read_json(Path(tasks), "tasks file")
+    dataset.tasks = _check_tasks(tasks, dataset, where)
+    return dataset
+
+
+def scan_cct(root: str | Path) -> CCTDataset:
+    """Frames, labels and locations of a CCT folder, without roles (`tasks` is empty)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
-    coco = _read_json(root / "annotations.json", "annotations.json")
+    where = root / "annotations.json"
+    coco = _read_json(where, "annotations.json")
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
-            raise DataError(f"{root / 'annotations.json'}: missing or malformed '{key}' list")
-
-    category_ids = sorted(int(c["id"]) for c in coco["categories"])
-    if 0 not in category_ids:
-        raise DataError(f"{root / 'annotations.json'}: no category with id 0 (the empty class)")
-    names = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
-    index_of = {cid: i for i, cid in enumerate(category_ids)}
-
-    label_of: dict[str, int] = {}
-    unknown = Counter()
-    for ann in coco["annotations"]:
-        cid = int(ann["category_id"])
-        if cid not in index_of:
-            unknown[cid] += 1
-            continue
-        image_id = str(ann["image_id"])
-        # Several annotations on one image (a sequence-level label, or several animals): an animal wins over empty.
-        if label_of.get(image_id, 0) == 0:
-            label_of[image_id] = index_of[cid]
-    if unknown:
-        listed = ", ".join(f"{cid} ({n}x)" for cid, n in sorted(unknown.items()))
-        raise DataError(f"{root / 'annotations.json'}: annotations use unknown category ids: {listed}")
+            raise DataError(f"{where}: missing or malformed '{key}' list")
+    try:
+        categories, class_of, notes = _classes(coco["categories"])
+        images: dict[str, dict] = {}
+        for image in coco["images"]:
+            image_id = str(image["id"])
+            if image_id in images:
+                raise DataError(f"{where}: image id {image['id']!r} is listed twice")
+            images[image_id] = image
+        labels = _labels(coco["annotations"], images, class_of, where)
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{where}: malformed entry (missing or wrong field {err})") from None
 
     frames: dict[str, list[Frame]] = defaultdict(list)
-    missing = unlabelled = 0
-    for image in coco["images"]:
-        image_id = str(image["id"])
-        if image_id not in label_of:
-            unlabelled += 1
+    spellings: dict[str, set[str]] = defaultdict(set)  # location name -> the ids in the data it came from
+    skipped = Counter()
+    for image_id, image in images.items():
+        if image.get("corrupt"):
+            skipped["corrupt"] += 1
             continue
-        path = root / image["file_name"]
-        if not path.is_file():
-            missing += 1
+        if image_id not in labels:
+            skipped["unlabelled"] += 1
             continue
-        location = str(image.get("location", "unknown"))
+        path = root / str(image.get("file_name", ""))
+        if not image.get("file_name") or not path.is_file():
+            skipped["missing"] += 1
+            continue
+        raw = str(image.get("location", "unknown"))
+        location = location_name(raw)
+        spellings[location].add(raw)
         split = image.get("split") or _hash_split(str(image.get("seq_id", image_id)))
-        frames[location].append(Frame(path, label_of[image_id], location, split))
+        frames[location].append(Frame(path, labels[image_id], location, split, str(image.get("datetime") or "")))
+    for location, raws in spellings.items():
+        if len(raws) > 1:
+            listed = ", ".join(repr(r) for r in sorted(raws))
+            raise DataError(f"{where}: locations {listed} all become {location!r}; rename them in the data")
+    return CCTDataset(
+        root,
+        categories,
+        dict(frames),
+        {},
+        missing=skipped["missing"],
+        unlabelled=skipped["unlabelled"],
+        corrupt=skipped["corrupt"],
+        notes=notes,
+    )
 
-    tasks_json = _read_json(root / "tasks.json", "tasks.json")
-    tasks = {role: [str(loc) for loc in tasks_json.get(role, [])] for role in ROLES}
-    tasks["interp_sources"] = tasks_json.get("interp_sources", {})
+
+def _classes(categories: list[dict]) -> tuple[list[str], dict[str, int], list[str]]:
+    """CCT categories -> class names (index 0 = "empty"), category id (as a string) -> class index, notes."""
+    names = {str(c["id"]): str(c["name"]) for c in categories}
+    empty = [cid for cid, name in names.items() if re.sub(r"[_-]", " ", name.strip().lower()) in EMPTY_NAMES]
+    notes = []
+    if not empty and "0" in names:
+        empty = ["0"]
+    if not empty:
+        notes.append("no empty category (named empty/blank/... or id 0): class 0 'empty' has no frames")
+    others = sorted((cid for cid in names if cid not in empty), key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    class_of = dict.fromkeys(empty, 0) | {cid: i + 1 for i, cid in enumerate(others)}
+    return ["empty", *(names[cid] for cid in others)], class_of, notes
+
+
+def _labels(annotations: list[dict], images: dict[str, dict], class_of: dict[str, int], where: Path) -> dict[str, int]:
+    """Image id -> class index, from the image's own annotations, else from its sequence's."""
+    own: dict[str, list[int]] = defaultdict(list)
+    by_sequence: dict[str, list[int]] = defaultdict(list)
+    unknown = Counter()
+    for ann in annotations:
+        category = str(ann["category_id"])
+        if category not in class_of:
+            unknown[category] += 1
+            continue
+        image = images.get(str(ann.get("image_id")))
+        if image is not None:
+            own[str(image["id"])].append(class_of[category])
+            if ann.get("sequence_level_annotation") and image.get("seq_id") is not None:
+                by_sequence[str(image["seq_id"])].append(class_of[category])
+        elif ann.get("seq_id") is not None:
+            by_sequence[str(ann["seq_id"])].append(class_of[category])
+    if unknown:
+        listed = ", ".join(f"{cid} ({n}x)" for cid, n in sorted(unknown.items()))
+        raise DataError(f"{where}: annotations use unknown category ids: {listed}")
+
+    labels = {}
+    for image_id, image in images.items():
+        classes = own.get(image_id) or by_sequence.get(str(image.get("seq_id")), [])
+        if classes:
+            labels[image_id] = next((c for c in classes if c != 0), 0)  # an animal wins over empty
+    return labels
+
+
+def _check_tasks(raw: dict, dataset: CCTDataset, where: str) -> dict:
+    """Roles as location names of this dataset; every listed location must have frames, none two roles."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a JSON object with the keys {', '.join(ROLES)}")
+    tasks = {role: [location_name(loc) for loc in raw.get(role, [])] for role in ROLES}
+    if "derived" in raw:
+        tasks["derived"] = raw["derived"]  # how derived roles came about, kept for STORE/tasks.json
+    tasks["interp_sources"] = {
+        location_name(loc): [location_name(a), location_name(b), *rest]
+        for loc, (a, b, *rest) in raw.get("interp_sources", {}).items()
+    }
+    roles_of = defaultdict(list)
     for role in ROLES:
         for location in tasks[role]:
-            if not frames.get(location):
-                raise DataError(f"location {location!r} ({role} in tasks.json) has no usable frames in {root}")
+            roles_of[location].append(role)
+            if not dataset.frames.get(location):
+                raise DataError(f"location {location!r} ({role} in {where}) has no usable frames in {dataset.root}")
+    twice = {loc: roles for loc, roles in roles_of.items() if len(roles) > 1}
+    if twice:
+        raise DataError(f"{where}: locations with more than one role: {twice}")
     if not tasks["pretrain"] or not tasks["seen"]:
-        raise DataError(f"{root / 'tasks.json'}: needs at least one 'pretrain' and one 'seen' location")
-
-    categories = [names[cid] for cid in category_ids]
-    return CCTDataset(root, categories, dict(frames), tasks, missing=missing, unlabelled=unlabelled)
+        raise DataError(f"{where}: needs at least one 'pretrain' and one 'seen' location")
+    return tasks

@@ -63,6 +63,7 @@ class RunJob:
     config: ZooConfig
     layout: LoraLayout
     backbone: BackboneConfig
+    tasks: dict  # the dataset's roles, so a worker reads the same dataset without deriving them again
 
 
 def run_dir(folder: str, location: str, run: int) -> str:
@@ -88,6 +89,7 @@ def plan_jobs(dataset: CCTDataset, store: Store, config: ZooConfig, layout: Lora
                         config,
                         layout,
                         backbone,
+                        dataset.tasks,
                     )
                 )
     return jobs
@@ -143,7 +145,7 @@ def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
     torch.set_num_threads(1)
     store = Store(job.store)
     model, _ = load_backbone(store)
-    dataset = read_cct(job.data)
+    dataset = read_cct(job.data, tasks=job.tasks)
     size = job.backbone.image_size
     train, val, test = (dataset.load(job.location, split, size) for split in ("train", "val", "test"))
     folder = run_dir(job.folder, job.location, job.run)
