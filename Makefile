@@ -17,6 +17,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# The demo: world (if missing) -> pretrain -> zoo -> fit -> evaluate; a rerun skips what is up to date.
+# Then serve the store on http://127.0.0.1:8000 (WILDPDIFF_* environment variables for the settings).
+run: install
+	test -f $(DATA)/tasks.json || $(BIN)/wildpdiff world --profile demo --out $(DATA)
+	$(BIN)/wildpdiff pipeline --data $(DATA) --store $(STORE) --profile demo
+	$(BIN)/wildpdiff serve --store $(STORE)
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest

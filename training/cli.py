@@ -5,6 +5,8 @@
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 50]
+    wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling]
+    wildpdiff pipeline --data data/demo --store model_store/demo     (all stages; resumable)
     wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
     wildpdiff backgrounds --data DATA --out DIR [--force]        (median backgrounds of real data)
 
@@ -183,6 +185,38 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from model_store.generator import GENERATOR_FILES
+    from training.evaluate import evaluate
+
+    profile = get_profile(args.profile)
+    dataset = _dataset(args)
+    store = Store.open(args.store, required=GENERATOR_FILES)
+    _adopt(dataset, store, args)
+    start = time.perf_counter()
+    report = evaluate(dataset, store, profile, ablation=args.ablation, scaling=args.scaling, progress=not args.quiet)
+    means = ", ".join(
+        f"{rq} generated {report[rq]['summary']['generated_acc']:.3f}"
+        for rq in ("rq1", "rq2", "rq3")
+        if report[rq]["per_task"]
+    )
+    print(f"report written to {store.path('report')} in {time.perf_counter() - start:.0f} s ({means})")
+
+
+def cmd_pipeline(args: argparse.Namespace) -> None:
+    from training.pipeline import run_pipeline
+
+    profile = get_profile(args.profile)
+    _apply_model_options(profile, args)
+    dataset = _dataset(args)
+    store = open_or_create_store(args.store, profile)
+    _adopt(dataset, store, args)
+    start = time.perf_counter()
+    options = {"ablation": args.ablation, "scaling": args.scaling}
+    run_pipeline(dataset, store, profile, options, progress=not args.quiet)
+    print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report in {store.path('report')}")
+
+
 def cmd_backgrounds(args: argparse.Namespace) -> None:
     from training.backgrounds import write_backgrounds
 
@@ -281,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.set_defaults(func=cmd_generate)
+
+    p = stage("evaluate", "RQ1-RQ3 with baselines, novelty and timing -> STORE/report/")
+    p.add_argument("--ablation", action="store_true", help="also the saving-interval ablation (fits 3 generators)")
+    p.add_argument("--scaling", action="store_true", help="also the seen-location scaling study (fits many)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = stage("pipeline", "pretrain -> zoo -> fit -> evaluate; a rerun skips what is up to date")
+    p.add_argument("--ablation", action="store_true", help="evaluate with the saving-interval ablation")
+    p.add_argument("--scaling", action="store_true", help="evaluate with the seen-location scaling study")
+    backbone_options(p)
+    condition_options(p)
+    p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
         "backgrounds",

@@ -10,6 +10,8 @@ from model_store.backbone import BackboneConfig
 from model_store.denoiser import DenoiserConfig
 from model_store.lora import LoraLayout
 from model_store.vae import VAEConfig
+from training.baselines import HypernetConfig
+from training.evaluate import AblationConfig, EvalConfig, ScalingConfig
 from training.fit import FitConfig
 from training.pretrain import PretrainConfig
 from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
@@ -25,6 +27,7 @@ class Profile:
     lora: LoraLayout = field(default_factory=LoraLayout)
     zoo: ZooConfig = field(default_factory=ZooConfig)
     fit: FitConfig = field(default_factory=FitConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
 
 
 PROFILES = {
@@ -44,6 +47,15 @@ PROFILES = {
         pretrain=PretrainConfig(steps=300, batch_size=64),
         zoo=ZooConfig(warmup_steps=30, checkpoints=5),
         fit=FitConfig(vae_steps=150, denoiser_steps=200, vae_batch_size=32, denoiser_batch_size=32, warmup_steps=20),
+        evaluate=EvalConfig(
+            samples=3,
+            baseline_samples=2,
+            steps=20,
+            timing_repeats=2,
+            hypernet=HypernetConfig(steps=200),
+            ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
+            scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
+        ),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),
     "paper": Profile(

@@ -1,0 +1,166 @@
+"""The one-command pipeline: pretrain -> zoo -> fit -> evaluate.
+
+    wildpdiff pipeline --data data/demo --store model_store/demo [--profile demo]
+
+Resumable. Before a stage runs, its key is computed: a hash of its resolved config, the dataset's
+annotations file and location roles, and the sha256 of every store file it reads. The manifest
+records, per stage, the key and whether the stage finished (`manifest["pipeline"]`). On a rerun a
+stage is
+- skipped when it finished with the same key;
+- resumed when it started with the same key but did not finish (the zoo and fit resume inside);
+- redone from scratch when its key changed (its stale outputs are removed first); and since a redone
+  stage writes new files, the keys of the stages after it change too;
+- adopted when it has no record but its outputs exist (a store built with the single-stage commands):
+  the backbone is kept, the zoo and fit are resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from model_store.backbone import BACKBONE_FILE
+from model_store.store import Store
+from training.data import CCTDataset
+from training.profiles import Profile
+
+
+@dataclass
+class Stage:
+    name: str
+    config: Callable[[Profile, dict], dict]  # (profile, options) -> what its result depends on besides files
+    inputs: Callable[[Store], list[str]]  # the store files it reads
+    run: Callable[[CCTDataset, Store, Profile, dict, bool, bool], None]  # (..., options, fresh, progress)
+
+
+def files_under(store: Store, *prefixes: str) -> list[str]:
+    return sorted(relpath for relpath in store.manifest["files"] if relpath.startswith(prefixes))
+
+
+def forget(store: Store, folder: str) -> None:
+    """Delete a folder of the store and drop its files from the manifest (stale outputs of a redone stage)."""
+    for relpath in files_under(store, f"{folder}/"):
+        del store.manifest["files"][relpath]
+    store.update()  # writes the manifest
+    shutil.rmtree(store.path(folder), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# the stages
+
+
+def run_pretrain(dataset, store, profile, options, fresh, progress) -> None:
+    from training.pretrain import pretrain
+
+    if fresh or not store.has(BACKBONE_FILE):
+        pretrain(dataset, store, profile.backbone, profile.pretrain, progress=progress)
+
+
+def run_zoo(dataset, store, profile, options, fresh, progress) -> None:
+    from training.zoo import collect_zoo
+
+    if fresh:
+        forget(store, profile.zoo.folder)
+    collect_zoo(dataset, store, profile.zoo, profile.lora, progress=progress)
+
+
+def run_fit(dataset, store, profile, options, fresh, progress) -> None:
+    from training.fit import fit
+
+    fit(dataset, store, profile.fit, force=fresh, progress=progress)
+
+
+def run_evaluate(dataset, store, profile, options, fresh, progress) -> None:
+    from training.evaluate import evaluate
+
+    evaluate(dataset, store, profile, ablation=options["ablation"], scaling=options["scaling"], progress=progress)
+
+
+STAGES = (
+    Stage(
+        "pretrain",
+        config=lambda p, o: {"backbone": asdict(p.backbone), "pretrain": asdict(p.pretrain)},
+        inputs=lambda store: [],
+        run=run_pretrain,
+    ),
+    Stage(
+        "zoo",
+        config=lambda p, o: {"zoo": asdict(p.zoo), "lora": asdict(p.lora)},
+        inputs=lambda store: [BACKBONE_FILE],
+        run=run_zoo,
+    ),
+    Stage(
+        "fit",
+        config=lambda p, o: {"fit": asdict(p.fit)},
+        inputs=lambda store: [BACKBONE_FILE, *files_under(store, "zoo/")],
+        run=run_fit,
+    ),
+    Stage(
+        "evaluate",
+        config=lambda p, o: {"evaluate": asdict(p.evaluate), **o},
+        # everything the store holds except what evaluation itself writes
+        inputs=lambda store: [f for f in store.manifest["files"] if not f.startswith("report/")],
+        run=run_evaluate,
+    ),
+)
+
+
+# -----------------------------------------------------------------------------
+# keys and the runner
+
+
+def data_fingerprint(dataset: CCTDataset) -> dict[str, str]:
+    """The annotations file and the location roles (from tasks.json or derived); image files are not hashed."""
+    return {
+        "annotations": hashlib.sha256((dataset.root / "annotations.json").read_bytes()).hexdigest(),
+        "roles": hashlib.sha256(json.dumps(dataset.tasks, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def stage_key(stage: Stage, dataset: CCTDataset, store: Store, profile: Profile, options: dict) -> str:
+    material = {
+        "config": stage.config(profile, options),
+        "data": data_fingerprint(dataset),
+        "inputs": {relpath: store.manifest["files"][relpath]["sha256"] for relpath in sorted(stage.inputs(store))},
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_pipeline(
+    dataset: CCTDataset,
+    store: Store,
+    profile: Profile,
+    options: dict | None = None,
+    stages: tuple[Stage, ...] = STAGES,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Run every stage that is not finished with its current key; returns {stage: "skipped" | "ran"}."""
+    options = {"ablation": False, "scaling": False, **(options or {})}
+    done: dict[str, str] = {}
+    for stage in stages:
+        key = stage_key(stage, dataset, store, profile, options)
+        record = store.manifest.get("pipeline", {}).get(stage.name)
+        if record and record["key"] == key and record["done"]:
+            done[stage.name] = "skipped"
+            print(f"{stage.name}: up to date, skipped")
+            continue
+        fresh = record is not None and record["key"] != key
+        set_record(store, stage.name, {"key": key, "done": False})
+        start = time.perf_counter()
+        print(f"{stage.name}: {'redoing (inputs or config changed)' if fresh else 'running'}")
+        stage.run(dataset, store, profile, options, fresh, progress)
+        seconds = time.perf_counter() - start
+        finished = datetime.now(UTC).isoformat(timespec="seconds")
+        set_record(store, stage.name, {"key": key, "done": True, "seconds": seconds, "finished": finished})
+        done[stage.name] = "ran"
+        print(f"{stage.name}: done in {seconds:.0f} s")
+    return done
+
+
+def set_record(store: Store, name: str, record: dict) -> None:
+    store.update(pipeline={**store.manifest.get("pipeline", {}), name: record})
