@@ -118,7 +118,7 @@ def gaussian(zoo: Zoo, location: str, n: int, generator: torch.Generator) -> tor
 @dataclass
 class HypernetConfig:
     hidden: int = 256
-    steps: int = 1500
+    steps: int = 800  # 0: no hypernet baseline
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -175,6 +175,17 @@ def fit_hypernet(index: LocationIndex, zoo: Zoo, config: HypernetConfig) -> Hype
 def typical_nn_distance(zoo: Zoo) -> float:
     """Median distance (z-scored L2) from a training checkpoint to its nearest other training checkpoint."""
     z = zoo.vectors / zoo.scale
+    d = torch.cdist(z.double(), z.double())
+    d.fill_diagonal_(float("inf"))
+    return float(d.min(1).values.median())
+
+
+def location_spacing(zoo: Zoo) -> float:
+    """Median distance (z-scored L2) from a location's mean adapter to the nearest other location's mean:
+    the scale against which `nn_l2_ratio` tells a new location's adapter from a copy of a seen one."""
+    if len(zoo.locations) < 2:
+        return float("nan")
+    z = zoo.means / zoo.scale
     d = torch.cdist(z.double(), z.double())
     d.fill_diagonal_(float("inf"))
     return float(d.min(1).values.median())

@@ -184,7 +184,7 @@ class Setup:
     zoo: Zoo
     results: dict[str, list[dict]]  # every zoo run's result.json by location (seen runs and references)
     index: LocationIndex
-    hypernet: baselines.Hypernet
+    hypernet: baselines.Hypernet | None  # None when config.hypernet.steps == 0 (the studies skip it)
     typical_nn: float
 
 
@@ -220,7 +220,7 @@ def build_setup(generator, zoo: Zoo, results: dict, config: EvalConfig) -> Setup
         zoo=zoo,
         results=results,
         index=index,
-        hypernet=baselines.fit_hypernet(index, zoo, config.hypernet),
+        hypernet=baselines.fit_hypernet(index, zoo, config.hypernet) if config.hypernet.steps else None,
         typical_nn=baselines.typical_nn_distance(zoo),
     )
 
@@ -302,10 +302,11 @@ def evaluate_role(
             "average": baselines.average(zoo)[None],
             "nearest": baselines.nearest(zoo, distances[i])[None],
             "knn_blend": knn_options[knn_choice][i],
-            "hypernet": setup.hypernet(features[i][None]),
             "noise": noise_options[sigma_choice][i],
             "gaussian": baselines.gaussian(zoo, nearest[i], config.baseline_samples, rng),
         }
+        if setup.hypernet is not None:
+            candidates["hypernet"] = setup.hypernet(features[i][None])
         if task.sources and set(task.sources) <= set(zoo.locations):  # scaling subsets may lack a source
             candidates["midpoint"] = baselines.midpoint(zoo, *task.sources)[None]
         row = {"task": task.location, "frame": task.frame_name, "nearest_location": nearest[i]}
@@ -508,6 +509,7 @@ def settings(store: Store, generator, setup: Setup, config: EvalConfig) -> dict:
         "zoo_checkpoints": len(setup.zoo.vectors),
         "adapter_parameters": int(setup.zoo.vectors.shape[1]),
         "typical_nn_distance": setup.typical_nn,
+        "location_spacing_ratio": baselines.location_spacing(setup.zoo) / setup.typical_nn,
         "condition": "first held-out (odd-position) background frame of each location",
         "finetuned_best": "checkpoint with the best val accuracy, reported on test",
         "generated_selected": "sample with the best val accuracy, reported on test",

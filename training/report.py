@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
             "",
             *baseline_table(section),
             "",
-            *(f"- {verdict(section, b)}." for b in CHALLENGERS),
+            *(f"- {verdict(section, b)}." for b in CHALLENGERS if b in section["summary"]["baselines"]),
             "",
         ]
 
@@ -201,7 +201,8 @@ def markdown(report: dict) -> str:
         "",
         "max IoU: highest overlap of the generated adapter's wrong test predictions with a training checkpoint's "
         f"({settings['max_iou']}; 1 = same mistakes). NN L2 ratio: distance to the nearest training checkpoint "
-        "over the median distance between neighbouring training checkpoints (z-scored weights).",
+        "over the median distance between neighbouring training checkpoints (z-scored weights); on this "
+        f"scale neighbouring seen locations' mean adapters are {settings['location_spacing_ratio']:.1f} apart.",
         "",
     ]
 

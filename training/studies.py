@@ -80,7 +80,9 @@ def fit_and_evaluate(
     fit_config = replace(profile.fit, vae_steps=study.vae_steps, denoiser_steps=study.denoiser_steps, seed=seed)
     fit(dataset, sub, fit_config, progress=progress)
     generator = Generator.from_store(sub)
-    sections, _, _ = evaluate_store(dataset, sub, generator, replace(config, samples=study.samples), roles, progress)
+    # The studies compare generation with fine-tuning and retrieval only: no hypernet to train per point.
+    config = replace(config, samples=study.samples, hypernet=replace(config.hypernet, steps=0))
+    sections, _, _ = evaluate_store(dataset, sub, generator, config, roles, progress)
     return sections
 
 

@@ -116,6 +116,12 @@ def test_nn_l2_ratio_of_a_checkpoint_step_is_about_one():
     )
 
 
+def test_location_spacing(zoo):
+    zoo.scale = torch.ones(2)  # raw units: means (1,0), (0,3), (5,5)
+    # nearest other mean: A-B sqrt(10), B-A sqrt(10), C-B sqrt(29) -> median sqrt(10)
+    assert baselines.location_spacing(zoo) == pytest.approx(math.sqrt(10))
+
+
 def test_max_iou_known_cases():
     wrong = torch.tensor([[True, True, False, False], [False, False, False, False]])
     training = torch.tensor([[True, False, True, False], [False, False, False, False]])
