@@ -378,15 +378,15 @@ def summarise(rows: list[dict]) -> dict:
 # out-of-distribution signal and timing
 
 
-def auroc(negatives: Sequence[float], positives: Sequence[float]) -> float:
+def auroc(negatives: Sequence[float], positives: Sequence[float]) -> float | None:
     """Probability that a positive scores above a negative (ties count half): Mann-Whitney U / (n m)."""
     if not negatives or not positives:
-        return float("nan")
+        return None
     wins = sum((p > q) + 0.5 * (p == q) for p in positives for q in negatives)
     return wins / (len(positives) * len(negatives))
 
 
-def ood_auroc(dataset: CCTDataset, generator) -> float:
+def ood_auroc(dataset: CCTDataset, generator) -> float | None:
     """How well `Generator.distance` separates unseen locations' frames from seen locations' fresh frames."""
 
     def distances(role: str) -> list[float]:

@@ -133,6 +133,7 @@ def test_auroc():
     assert evaluate.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
     assert evaluate.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
     assert evaluate.auroc([1.0, 1.0], [1.0]) == 0.5
+    assert evaluate.auroc([1.0], []) is None  # no unseen locations
 
 
 # -----------------------------------------------------------------------------
