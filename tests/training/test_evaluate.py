@@ -308,8 +308,9 @@ def test_evaluate_writes_the_design_report(smoke_world, smoke_store, tmp_path):
             assert ("midpoint" in row["baselines"]) == (rq == "rq2")
             assert set(row["novelty"]) == {"max_iou", "nn_l2_ratio"}
     assert 0 <= report["rq3"]["summary"]["ood_auroc"] <= 1
-    assert report["fewshot"] == [] and report["ablation"]["saving_interval"] == [] and report["scaling"] == []
-    assert set(report["timing"]) == {"finetune_seconds_per_task", "generate_seconds_per_adapter", "speedup"}
+    assert isinstance(report["fewshot"], list)
+    assert report["ablation"]["saving_interval"] == [] and report["scaling"] == []  # studies only when asked
+    assert {"finetune_seconds_per_task", "generate_seconds_per_adapter", "speedup"} <= set(report["timing"])
     for name in ("report.md", "pca.png", "accuracy.png"):
         assert store.has(f"report/{name}")
     text = store.path("report/report.md").read_text()
