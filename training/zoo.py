@@ -5,7 +5,7 @@
 For every seen location (the generator's training data) and, as evaluation references only, every
 interp and unseen location, fine-tune a LoRA on the first blocks of the pretrained backbone and save
 a checkpoint every `interval` steps after warm-up. Checkpoints one step apart are near copies, so
-each seen location also gets several independent runs (seed and data order).
+each seen location also gets several independent runs (data order; all runs share one initialisation).
 
 Layout on disk (PEFT key names, safetensors):
     zoo/<location>/run<k>/step<NNNNN>.safetensors
@@ -47,7 +47,8 @@ class ZooConfig:
     batch_size: int = 64
     lr: float = 1e-2
     workers: int = 2
-    seed: int = 0
+    seed: int = 0  # data order of each run derives from it
+    init_seed: int = 0  # the one LoRA initialisation every run starts from (see `finetune`)
     folder: str = "zoo"  # the ablation writes zoo_interval<k>/ beside the main zoo
 
 
@@ -109,10 +110,16 @@ def finetune(
     seed: int,
     on_checkpoint=None,
 ) -> dict[str, torch.Tensor]:
-    """Fine-tune one adapter; `on_checkpoint(step, state)` is called at every saving step."""
+    """Fine-tune one adapter; `on_checkpoint(step, state)` is called at every saving step.
+
+    Every run starts from the SAME LoRA initialisation (`config.init_seed`); `seed` only sets the data
+    order. A LoRA is defined up to an invertible r x r mixing of A and B (B @ A is what acts), so runs from
+    different random A's land far apart in parameter space although they compute nearly the same update;
+    a shared start keeps all checkpoints in one coordinate system that the generator can learn.
+    """
+    state = init_adapter(model, layout, generator=torch.Generator().manual_seed(config.init_seed))
     generator = seed_everything(seed)
     pixels, labels = train
-    state = init_adapter(model, layout, generator=generator)
     optimizer = torch.optim.AdamW(state.values(), lr=config.lr, weight_decay=0.0)
     total = config.warmup_steps + config.checkpoints * config.interval
     model.eval()  # no dropout in the tower; the base weights stay frozen
