@@ -31,5 +31,10 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
+# Speed, memory and accuracy ratios against the built store -> bench/results/ (quick: ~5 min on 2 cores).
+# BENCH_ARGS=--full measures every location and the memory of every smoke-pipeline stage.
+bench: install
+	$(BIN)/python -m bench.run --data $(DATA) --store $(STORE) $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache
