@@ -17,15 +17,20 @@ log = logging.getLogger("app")
 
 
 class ApiError(Exception):
-    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(
+        self, status_code: int, message: str, headers: dict[str, str] | None = None, extra: dict | None = None
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.headers = headers
+        self.extra = extra or {}  # more fields beside "error" (e.g. the distance of a rejected background)
 
 
-def error_response(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+def error_response(
+    status_code: int, message: str, headers: dict[str, str] | None = None, extra: dict | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": message, **(extra or {})}, status_code=status_code, headers=headers)
 
 
 def _describe(error: dict) -> str:
@@ -37,7 +42,7 @@ def _describe(error: dict) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.headers)
+        return error_response(exc.status_code, exc.message, exc.headers, exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
-from app.runtime import Adapter, Runtime, Upload
+from app.runtime import Adapter, Generation, Runtime, Upload
 
 router = APIRouter()
 
@@ -23,6 +23,10 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 Seed = Annotated[int, Form(ge=0, le=MAX_SEED, description="sampling seed; same seed, same adapter")]
 Steps = Annotated[int | None, Form(ge=1, description="DDIM sampling steps (default: the server's)")]
+Policy = Annotated[
+    Literal["generate", "fallback", "reject"] | None,
+    Form(description="out of distribution: generate anyway, serve a fallback adapter, or refuse (422)"),
+]
 
 
 async def to_upload(file: UploadFile, fallback: str) -> Upload:
@@ -34,6 +38,7 @@ def adapter_headers(adapter: Adapter) -> dict[str, str]:
         "X-Adapter-Id": adapter.id,
         "X-Condition-Distance": adapter.metadata["condition_distance"],
         "X-In-Distribution": str(adapter.in_distribution).lower(),
+        "X-Policy-Applied": adapter.policy_applied or "",
     }
 
 
@@ -48,6 +53,7 @@ ADAPTER_RESPONSE = {
         "X-Adapter-Id": header_doc("id for POST /classify (adapter_id)"),
         "X-Condition-Distance": header_doc("distance to the nearest seen location (1 = typical of training frames)"),
         "X-In-Distribution": header_doc("true when the distance is within the OOD threshold (see /info)"),
+        "X-Policy-Applied": header_doc("generate | fallback-nearest | fallback-base | fewshot"),
     },
 }
 
@@ -59,9 +65,21 @@ async def create_adapter(
     seed: Seed = 0,
     steps: Steps = None,
     format: Annotated[Literal["safetensors", "peft"], Form()] = "safetensors",
+    policy: Policy = None,
+    shots: Annotated[list[UploadFile] | None, File(description="labelled frames of the location (few-shot)")] = None,
+    labels: Annotated[list[str] | None, Form(description="one class name per shot file")] = None,
+    refine_steps: Annotated[int, Form(ge=0, description="gradient steps on the shots after selection")] = 0,
 ) -> Response:
-    """Generate a LoRA adapter for the location shown in `background`."""
-    adapter = await runtime.create_adapter(await to_upload(background, "background"), seed, steps)
+    """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given)."""
+    generation = Generation(
+        seed=seed,
+        steps=steps,
+        policy=policy,
+        shots=tuple([await to_upload(shot, f"shots[{i}]") for i, shot in enumerate(shots or [])]),
+        labels=tuple(labels or []),
+        refine_steps=refine_steps,
+    )
+    adapter = await runtime.create_adapter(await to_upload(background, "background"), generation)
     body = await runtime.adapter_file(adapter, format)
     media_type, suffix = ("application/zip", "zip") if format == "peft" else ("application/octet-stream", "safetensors")
     headers = adapter_headers(adapter)
@@ -78,6 +96,7 @@ async def classify(
     background: Annotated[UploadFile | None, File(description="generate an adapter from this frame first")] = None,
     seed: Seed = 0,
     steps: Steps = None,
+    policy: Policy = None,
 ) -> schemas.ClassifyOut:
     """Classify frames with one adapter (by id, uploaded, or generated from a background) or none."""
     chosen, predictions = await runtime.classify(
@@ -85,8 +104,7 @@ async def classify(
         adapter_id=adapter_id,
         adapter=adapter and await to_upload(adapter, "adapter"),
         background=background and await to_upload(background, "background"),
-        seed=seed,
-        steps=steps,
+        generation=Generation(seed=seed, steps=steps, policy=policy),
     )
     return schemas.ClassifyOut(adapter_id=chosen and chosen.id, predictions=predictions)
 

@@ -7,9 +7,10 @@ intra-op threads use the cores instead. In front of that thread, at most `max_pe
 admitted (running + waiting); the next one is refused at once with 429 + Retry-After rather than queued
 without bound (research/reliability.md section 5).
 
-Adapter ids are derived from what determines the adapter: store id, the uploaded file's sha256, seed and
-steps (generated), or the adapter's tensors (uploaded). So the same request gives the same id and the
-same bytes, and a repeated request is answered from the LRU cache without generating again.
+Adapter ids are derived from what determines the adapter: store id, the uploaded file's sha256, seed,
+steps, OOD policy and any few-shot frames + labels (generated), or the adapter's tensors (uploaded). So the
+same request gives the same id and the same bytes, and a repeated request is answered from the LRU cache
+without generating again.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from app.images import decode_image
 from app.metrics import Metrics
 from app.schemas import LabelScore, Prediction
 from app.settings import Settings
+from model_store.adapt import FewShotConfig, adapt, labels_to_indices
 from model_store.backbone import normalize, to_uint8
 from model_store.generator import Generator
 from model_store.lora import (
@@ -47,6 +49,7 @@ from model_store.lora import (
     unflatten,
     validate_adapter,
 )
+from model_store.ood import load_fallback
 from model_store.store import Store, code_version
 
 log = logging.getLogger("app")
@@ -59,6 +62,18 @@ class Upload:
     data: bytes
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What a generated adapter depends on besides the background frame."""
+
+    seed: int = 0
+    steps: int | None = None  # None: the server's default
+    policy: str | None = None  # out of distribution: generate | fallback | reject (None: the server's)
+    shots: tuple[Upload, ...] = ()  # labelled frames of the location, for few-shot selection (model_store/adapt.py)
+    labels: tuple[str, ...] = ()  # one class name per shot
+    refine_steps: int = 0
+
+
 @dataclass
 class Adapter:
     id: str
@@ -66,6 +81,7 @@ class Adapter:
     metadata: dict[str, str]  # the safetensors __metadata__ (str -> str)
     distance: float | None  # condition distance to the nearest seen location (generated adapters only)
     in_distribution: bool | None  # distance <= the OOD threshold (generated adapters only)
+    policy_applied: str | None = None  # generate | fallback-nearest | fallback-base | fewshot (generated only)
 
 
 class AdapterCache:
@@ -104,6 +120,7 @@ class Runtime:
         self.cache = AdapterCache(settings.adapter_cache_size, metrics)
         # A threshold calibrated into the store wins; the setting is the fallback for stores without one.
         self.ood_threshold = store.manifest["components"]["condition"].get("ood_threshold", settings.ood_threshold)
+        self.fallback = load_fallback(store)  # (L, P) per-seen-location mean adapters, or None
         self.max_steps = generator.scheduler_config["num_train_timesteps"]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-inference")
         self._pending = 0
@@ -148,32 +165,82 @@ class Runtime:
     def _adapter_id(self, *parts: str) -> str:
         return hashlib.sha256("\0".join([self.generator.store_id, *parts]).encode()).hexdigest()[:32]
 
-    async def create_adapter(self, background: Upload, seed: int, steps: int | None) -> Adapter:
-        steps = steps or self.settings.default_steps
+    async def create_adapter(self, background: Upload, request: Generation) -> Adapter:
+        steps = request.steps or self.settings.default_steps
         if steps > self.max_steps:
             raise ApiError(422, f"steps: at most {self.max_steps} for this store (its scheduler's timesteps)")
-        adapter_id = self._adapter_id("generated", hashlib.sha256(background.data).hexdigest(), str(seed), str(steps))
+        if request.refine_steps > self.settings.max_refine_steps:
+            raise ApiError(422, f"refine_steps: at most {self.settings.max_refine_steps}")
+        if len(request.shots) > self.settings.max_images:
+            raise ApiError(400, f"{len(request.shots)} shots in one request; the limit is {self.settings.max_images}")
+        if request.shots or request.labels:
+            try:
+                labels_to_indices(list(request.labels), self.generator.classes, len(request.shots))
+            except ValueError as e:
+                raise ApiError(422, f"shots: {e}") from None
+        request = Generation(
+            request.seed, steps, request.policy or self.settings.ood_policy, request.shots, request.labels,
+            request.refine_steps,
+        )  # fmt: skip
+        adapter_id = self._adapter_id(
+            "generated",
+            hashlib.sha256(background.data).hexdigest(),
+            str(request.seed),
+            str(steps),
+            request.policy,
+            *(hashlib.sha256(shot.data).hexdigest() for shot in request.shots),
+            *request.labels,
+            str(request.refine_steps),
+        )
         if cached := self.cache.get(adapter_id):
             return cached
         with self._admit():
-            adapter = await self._run(self._generate, adapter_id, background, seed, steps)
+            adapter = await self._run(self._generate, adapter_id, background, request)
         self.metrics.generations.inc()
         self.cache.put(adapter)
         return adapter
 
-    def _generate(self, adapter_id: str, background: Upload, seed: int, steps: int) -> Adapter:
+    def _generate(self, adapter_id: str, background: Upload, request: Generation) -> Adapter:
         image = decode_image(background.data, background.name, self.settings.max_image_pixels)
         g = self.generator
         with torch.inference_mode():
             features = g.embed([image])
             distance = float(g.distance(features)[0])
-            state = unflatten(g.generate_vectors(features, [seed], steps)[0], g.shapes)
+        [nearest_location] = g.nearest_location(features)
+        in_distribution = distance <= self.ood_threshold
         metadata = {
             "adapter_id": adapter_id,
-            **g.metadata(seed, steps, distance),
-            "nearest_location": g.nearest_location(features)[0],
+            **g.metadata(request.seed, request.steps, distance),
+            "nearest_location": nearest_location,
         }
-        return Adapter(adapter_id, state, metadata, distance, distance <= self.ood_threshold)
+        if not in_distribution and request.policy == "reject":
+            raise ApiError(
+                422,
+                f"background is out of distribution: distance {distance:.3f} > threshold {self.ood_threshold:.3f} "
+                f"(nearest seen location {nearest_location!r}); send policy=generate or fallback to get an adapter",
+                extra={"distance": distance, "ood_threshold": self.ood_threshold},
+            )
+        if request.shots:
+            # The shots choose among generated, nearest-location and base adapters: they decide, not the policy.
+            pixels = self._pixels(list(request.shots))
+            labels = labels_to_indices(list(request.labels), g.classes, len(request.shots))
+            config = FewShotConfig(self.settings.fewshot_candidates, request.refine_steps)
+            result = adapt(
+                g, features.clone(), pixels, labels, seed=request.seed, steps=request.steps,
+                fallback=self.fallback, config=config,
+            )  # fmt: skip
+            vector, applied = result.vector, "fewshot"
+            metadata.update(result.metadata(), refine_steps=str(request.refine_steps))
+        elif in_distribution or request.policy == "generate":
+            with torch.inference_mode():
+                vector, applied = g.generate_vectors(features, [request.seed], request.steps)[0], "generate"
+        elif self.fallback is not None:
+            vector, applied = self.fallback[g.locations.index(nearest_location)], "fallback-nearest"
+        else:
+            vector, applied = torch.zeros(sum(torch.Size(s).numel() for s in g.shapes.values())), "fallback-base"
+        metadata["policy_applied"] = applied
+        state = {key: tensor.contiguous() for key, tensor in unflatten(vector, g.shapes).items()}
+        return Adapter(adapter_id, state, metadata, distance, in_distribution, applied)
 
     async def adapter_file(self, adapter: Adapter, format: str) -> bytes:
         """The adapter as safetensors bytes, or as a PEFT folder zipped (format="peft"); off the event loop,
@@ -220,8 +287,7 @@ class Runtime:
         adapter_id: str | None = None,
         adapter: Upload | None = None,
         background: Upload | None = None,
-        seed: int = 0,
-        steps: int | None = None,
+        generation: Generation = Generation(),
     ) -> tuple[Adapter | None, list[Prediction]]:
         if sum(x is not None for x in (adapter_id, adapter, background)) > 1:
             raise ApiError(422, "give at most one of adapter_id, adapter, background")
@@ -233,7 +299,7 @@ class Runtime:
             if chosen is None:
                 raise ApiError(404, f"unknown adapter id {adapter_id!r} (expired or never created): post it again")
         elif background is not None:
-            chosen = await self.create_adapter(background, seed, steps)
+            chosen = await self.create_adapter(background, generation)
         with self._admit():
             if adapter is not None:
                 chosen = await self._run(self._parse_adapter, adapter)
@@ -243,11 +309,7 @@ class Runtime:
 
     def _classify(self, uploads: list[Upload], adapter: Adapter | None) -> list[Prediction]:
         g = self.generator
-        # Shrink each image to the model's size as soon as it is decoded: 64 highly compressible 40 MP
-        # images fit in one upload, but must never be held in memory at full size all at once.
-        size = g.backbone_config.image_size
-        small = [to_uint8(decode_image(u.data, u.name, self.settings.max_image_pixels), size) for u in uploads]
-        pixels = normalize(torch.from_numpy(np.stack(small)).to(self.device), g.backbone_config)
+        pixels = self._pixels(uploads)
         with torch.inference_mode():
             if adapter is None:
                 logits = g.classifier(pixels)
@@ -263,6 +325,14 @@ class Runtime:
             predictions.append(Prediction(file=upload.name, label=top_k[0].label, score=top_k[0].score, top_k=top_k))
         return predictions
 
+    def _pixels(self, uploads: list[Upload]) -> torch.Tensor:
+        """Uploaded images -> (B, 3, S, S) normalised, on the model's device."""
+        # Shrink each image to the model's size as soon as it is decoded: 64 highly compressible 40 MP
+        # images fit in one upload, but must never be held in memory at full size all at once.
+        size = self.generator.backbone_config.image_size
+        small = [to_uint8(decode_image(u.data, u.name, self.settings.max_image_pixels), size) for u in uploads]
+        return normalize(torch.from_numpy(np.stack(small)).to(self.device), self.generator.backbone_config)
+
     # --- description
 
     def info(self) -> dict:
@@ -276,5 +346,7 @@ class Runtime:
             "adapter_parameters": sum(torch.Size(s).numel() for s in g.shapes.values()),
             "device": str(self.device),
             "ood_threshold": self.ood_threshold,
+            "ood_policy": self.settings.ood_policy,
+            "fallback": "nearest" if self.fallback is not None else "base",
             "versions": {"wild_p_diff": code_version(), "torch": torch.__version__},
         }

@@ -65,6 +65,8 @@ class InfoOut(BaseModel):
                     "adapter_parameters": 6144,
                     "device": "cpu",
                     "ood_threshold": 2.0,
+                    "ood_policy": "fallback",
+                    "fallback": "nearest",
                     "versions": {"wild_p_diff": "0.1.0", "torch": "2.14.1"},
                 }
             ]
@@ -79,4 +81,6 @@ class InfoOut(BaseModel):
     adapter_parameters: int
     device: str
     ood_threshold: float = Field(description="condition distance above which a background is out of distribution")
+    ood_policy: str = Field(description="default policy out of distribution: generate | fallback | reject")
+    fallback: str = Field(description="what fallback serves: nearest (seen location's mean adapter) or base")
     versions: dict[str, str]

@@ -40,3 +40,10 @@ class Settings(BaseSettings):
     # of the typical spacing of the training frames; on the smoke store fresh frames of seen locations measure
     # 0.1-2.2 (median 0.5), unseen locations 1.8-3.7 (median 3.3).
     ood_threshold: float = Field(2.0, gt=0)
+    # What to serve for a background beyond the threshold (a request's `policy` field overrides it):
+    # generate anyway; fall back to the nearest seen location's mean zoo adapter (or, for a store without
+    # them, the all-zero adapter = the pretrained backbone); or refuse with 422 (model_store/ood.py).
+    ood_policy: Literal["generate", "fallback", "reject"] = "fallback"
+    # Few-shot requests (`shots` + `labels`): generated candidates scored on the shots, and the refinement cap.
+    fewshot_candidates: int = Field(16, ge=1, le=256)
+    max_refine_steps: int = Field(100, ge=0)

@@ -13,8 +13,10 @@ Writes into the store:
     vae.safetensors              the parameter VAE
     denoiser.safetensors         the latent denoiser
     scheduler/scheduler_config.json   diffusers DDIM config (training noise uses DDPMScheduler.add_noise)
+    fallback.safetensors         per-seen-location mean adapters, served out of distribution (model_store.ood)
     fit/loss_vae.png, fit/loss_denoiser.png
-and every component's config and summary in the manifest. Resumable: a finished component is skipped
+and every component's config and summary in the manifest, with the OOD threshold calibrated on the held-out
+frames (`components.condition.ood_threshold`, rule in `model_store.ood`). Resumable: a finished component is skipped
 (the denoiser also reruns when the files it was trained on changed); `--force` redoes everything.
 """
 
@@ -46,6 +48,7 @@ from model_store.condition import (
 from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
 from model_store.generator import SCHEDULER_FILE
 from model_store.lora import LoraLayout, adapter_shapes, flatten
+from model_store.ood import FALLBACK_FILE, OOD_QUANTILE, calibrate_threshold, location_means
 from model_store.store import Store, StoreError, atomic_write_bytes
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
 from training.common import seed_everything
@@ -61,9 +64,9 @@ class FitConfig:
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
-    vae_steps: int = 3000
+    vae_steps: int = 1500
     vae_batch_size: int = 64
-    vae_lr: float = 1e-3
+    vae_lr: float = 3e-3
     denoiser_steps: int = 4000
     denoiser_batch_size: int = 64
     denoiser_lr: float = 1e-3
@@ -101,6 +104,8 @@ def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, prog
     trained = {}
     if force or not store.has(CONDITIONS_FILE):
         trained["condition"] = fit_conditions(dataset, store, classifier, zoo.locations, config)
+    if force or "ood_threshold" not in store.manifest["components"]["condition"] or not store.has(FALLBACK_FILE):
+        trained["ood"] = fit_ood(dataset, store, classifier, zoo, config)
     if force or not (store.has(VAE_FILE) and store.has(NORMALIZATION_FILE)):
         trained["vae"] = fit_vae(store, zoo, config, progress)
     if force or not denoiser_is_current(store):
@@ -189,6 +194,23 @@ def fit_conditions(
             "seconds": time.perf_counter() - start,
         },
     )
+    return time.perf_counter() - start
+
+
+def fit_ood(dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo, config: FitConfig) -> float:
+    """Calibrate the OOD threshold on the held-out frames and store the fallback adapters (model_store.ood)."""
+    start = time.perf_counter()
+    encoder = ConditionEncoder(classifier, load_backbone(store)[1], config.condition)
+    conditions = store.load_tensors(CONDITIONS_FILE)
+    fresh, _, _ = embed_backgrounds(dataset, encoder, zoo.locations, "fresh")
+    references = standardize(conditions["features"], conditions["mean"], conditions["std"])
+    distance = nearest(standardize(fresh, conditions["mean"], conditions["std"]), references)[0]
+    distance = distance / conditions["distance_scale"]
+    store.save_tensors(FALLBACK_FILE, {"vectors": location_means(zoo.vectors, zoo.location, len(zoo.locations))})
+    component = dict(store.manifest["components"]["condition"])
+    component["ood_threshold"] = calibrate_threshold(distance)
+    component["ood_rule"] = f"quantile {OOD_QUANTILE} of {len(distance)} held-out frames of seen locations"
+    store.set_component("condition", component)
     return time.perf_counter() - start
 
 
