@@ -2,10 +2,10 @@
 
     python -m bench.memory --store model_store/demo --data data/demo [--full] [--out bench/results]
 
-Always: `wildpdiff generate` on the given store. With `--full`, also every stage of a fresh smoke-profile
-pipeline (world, pretrain, zoo, fit, evaluate, generate) in a temp folder. A stage's peak is that of its
-largest process (the zoo's workers are processes of their own); see `bench.measure.run_measured`. The
-server's peak comes from `bench.service`.
+Always: the imports alone (the floor under every stage) and `wildpdiff generate` on the given store. With
+`--full`, also every stage of a fresh smoke-profile pipeline (world, pretrain, zoo, fit, evaluate, generate)
+in a temp folder. A stage's peak is that of its largest process (the zoo's workers are processes of their
+own); see `bench.measure.run_measured`. The server's peak comes from `bench.service`.
 """
 
 from __future__ import annotations
@@ -49,7 +49,10 @@ def run(store: str, data: str, full: bool, out: Path) -> dict:
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wildpdiff-memory-") as tmp:
-        result = {"generate": generate_stage(Path(store), Path(data), Path(tmp), logs)}
+        # the floor under every stage: the interpreter with torch, open_clip, diffusers and peft imported
+        imports = [sys.executable, "-c", "import model_store.generator"]
+        result = {"imports": run_measured(imports, logs / "imports.log")}
+        result["generate"] = generate_stage(Path(store), Path(data), Path(tmp), logs)
         if full:
             result["smoke_pipeline"] = smoke_pipeline(Path(tmp), logs)
     return result

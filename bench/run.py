@@ -251,6 +251,7 @@ def summary_md(s: dict, adapt: dict, http: dict, mem: dict, grow: dict) -> str:
         for name, usage in (("server", http["server"]), ("server, 1 thread", http["one_thread"]["server"]))
     ]
     stages = {
+        "imports only": mem["imports"],
         "generate (store)": mem["generate"],
         **{f"smoke {k}": v for k, v in mem.get("smoke_pipeline", {}).items()},
     }
