@@ -5,6 +5,7 @@
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 50]
+                       [--shots a.png b.png --labels deer empty [--refine-steps 0]]
     wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling]
     wildpdiff pipeline --data data/demo --store model_store/demo     (all stages; resumable)
     wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
@@ -167,21 +168,43 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from model_store.adapt import FewShotConfig, adapt, labels_to_indices
+    from model_store.backbone import preprocess
     from model_store.generator import Generator
-    from model_store.lora import save_adapter_dir
+    from model_store.lora import save_adapter_dir, unflatten
+    from model_store.ood import load_fallback
     from training.data import read_image
 
-    image = read_image(Path(args.background))
-    if image is None:
-        raise ValueError(f"{args.background}: not a readable image")
-    generator = Generator.from_store(Store(args.store))
-    distance = float(generator.distance(generator.embed([image]))[0])
-    [state] = generator.generate([image], seeds=args.seed, steps=args.steps)
+    def read(path: str):
+        image = read_image(Path(path))
+        if image is None:
+            raise ValueError(f"{path}: not a readable image")
+        return image
+
+    image = read(args.background)
+    store = Store(args.store)
+    generator = Generator.from_store(store)
+    features = generator.embed([image])
+    distance = float(generator.distance(features)[0])
     metadata = generator.metadata(args.seed, args.steps, distance)
+    if args.shots:
+        labels = labels_to_indices(args.labels, generator.classes, len(args.shots))
+        pixels = preprocess([read(path) for path in args.shots], generator.backbone_config)
+        config = FewShotConfig(args.candidates, args.refine_steps)
+        fallback = load_fallback(store)
+        result = adapt(
+            generator, features, pixels, labels, seed=args.seed, steps=args.steps, fallback=fallback, config=config
+        )
+        state = {k: v.contiguous() for k, v in unflatten(result.vector, generator.shapes).items()}
+        metadata.update(result.metadata(), refine_steps=str(args.refine_steps))
+        chosen = f"; chose {result.source} ({result.shot_acc:.0%} on {len(args.shots)} shots)"
+    else:
+        [state] = generator.generate([image], seeds=args.seed, steps=args.steps)
+        chosen = ""
     save_adapter_dir(args.out, state, generator.layout, f"wildpdiff:{generator.store_id}", metadata)
     print(
         f"adapter written to {args.out} (seed {args.seed}, {args.steps} steps, condition distance {distance:.2f}, "
-        f"nearest seen location {generator.nearest_location(generator.embed([image]))[0]})"
+        f"nearest seen location {generator.nearest_location(features)[0]}{chosen})"
     )
 
 
@@ -314,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--shots", nargs="+", default=[], help="labelled frames of the location: choose among candidates")
+    p.add_argument("--labels", nargs="+", default=[], help="one class name per --shots file")
+    p.add_argument("--candidates", type=int, default=16, help="generated candidates scored on the shots")
+    p.add_argument("--refine-steps", type=int, default=0, help="gradient steps on the shots after choosing")
     p.set_defaults(func=cmd_generate)
 
     p = stage("evaluate", "RQ1-RQ3 with baselines, novelty and timing -> STORE/report/")

@@ -31,10 +31,13 @@ from tqdm import tqdm
 from model_store.backbone import BackboneConfig, Classifier, normalize
 from model_store.condition import split_backgrounds
 from model_store.lora import LoraLayout, adapted_logits, flatten, unflatten
+from model_store.ood import load_fallback
 from model_store.store import Store
 from training import baselines
 from training.baselines import HypernetConfig, LocationIndex, Zoo
 from training.data import CCTDataset, read_image
+from training.fewshot import ROLES as FEWSHOT_ROLES
+from training.fewshot import FewShotEvalConfig, evaluate_fewshot
 
 if TYPE_CHECKING:
     from training.profiles import Profile
@@ -80,6 +83,7 @@ class EvalConfig:
     hypernet: HypernetConfig = field(default_factory=HypernetConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
 
 
 # -----------------------------------------------------------------------------
@@ -471,12 +475,17 @@ def _evaluate(dataset: CCTDataset, store: Store, profile: Profile, ablation: boo
     sections, setup, generated = evaluate_store(dataset, store, generator, config, progress=progress)
     sections["rq3"]["summary"]["ood_auroc"] = ood_auroc(dataset, generator)
     first_seen = fresh_frame(dataset, dataset.locations("seen")[0])[1]
+    held_out = {role: load_tasks(dataset, role, setup.results, generator.backbone_config) for role in FEWSHOT_ROLES}
+    fewshot, fewshot_seconds = evaluate_fewshot(
+        dataset, generator, load_fallback(store), sections, held_out, config.steps, config.fewshot
+    )
     report = {
         **sections,
-        "fewshot": [],
+        "fewshot": fewshot,
         "timing": timing(generator, first_seen, setup.results, config),
         "settings": settings(store, generator, setup, config),
     }
+    report["timing"]["fewshot_seconds_per_adaptation"] = fewshot_seconds
     report["settings"]["evaluate_seconds"] = time.perf_counter() - start
     if ablation:
         store.save_json(f"{REPORT}/ablation.json", studies.saving_interval_ablation(dataset, store, profile, progress))

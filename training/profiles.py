@@ -12,6 +12,7 @@ from model_store.lora import LoraLayout
 from model_store.vae import VAEConfig
 from training.baselines import HypernetConfig
 from training.evaluate import AblationConfig, EvalConfig, ScalingConfig
+from training.fewshot import FewShotEvalConfig
 from training.fit import FitConfig
 from training.pretrain import PretrainConfig
 from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
@@ -55,6 +56,7 @@ PROFILES = {
             hypernet=HypernetConfig(steps=200),
             ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
             scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
+            fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4),
         ),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),

@@ -215,6 +215,11 @@ def markdown(report: dict) -> str:
         f"speed-up {timing['speedup']:.0f}x.",
         "",
     ]
+    if timing.get("fewshot_seconds_per_adaptation") is not None:
+        lines[-1:-1] = [
+            f"One few-shot adaptation (candidates scored on the shots, median): "
+            f"{timing['fewshot_seconds_per_adaptation'] * 1000:.0f} ms.",
+        ]
 
     ablation = report["ablation"]
     if ablation["saving_interval"]:

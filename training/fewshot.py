@@ -1,0 +1,91 @@
+"""Few-shot evaluation: how much of the fine-tuning gain a few labelled frames recover (report.json `fewshot`).
+
+Per interp / unseen location and per budget k in `shots` (labelled frames PER CLASS): draw k frames of each
+class from the location's TRAIN split, let `model_store.adapt.adapt` choose (and optionally refine) an
+adapter on them, and score it on the TEST split. Per role and budget:
+
+    gain_recovered = (acc - pretrain) / (finetuned - pretrain)
+
+on the role's means (per-location gains can be near zero, and a ratio of means does not blow up).
+`finetuned` is the mean test accuracy of the reference LoRAs fine-tuned there, as in rq2/rq3.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from model_store.adapt import FewShotConfig, adapt
+from training.data import CCTDataset
+
+ROLES = {"interp": "rq2", "unseen": "rq3"}
+
+
+@dataclass
+class FewShotEvalConfig:
+    shots: tuple[int, ...] = (1, 5, 10)  # labelled frames per class
+    candidates: int = 16
+    refine_steps: int = 0
+    seed: int = 0
+
+
+def draw_shots(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of up to `per_class` random frames of each class present in `labels`."""
+    picks = []
+    for label in labels.unique().tolist():
+        members = (labels == label).nonzero().flatten()
+        picks.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+    return torch.cat(picks).sort().values
+
+
+def evaluate_fewshot(
+    dataset: CCTDataset, generator, fallback, sections: dict, tasks: dict, steps: int, config: FewShotEvalConfig
+) -> tuple[list[dict], float | None]:
+    """-> (fewshot rows, median seconds per adaptation). `tasks`: role -> that role's `Task`s (evaluate.py);
+    `sections`: the report's rq sections, for pretrain and fine-tuned accuracy."""
+    from training.evaluate import Scorer, load_frames  # here: evaluate imports this module's config
+
+    scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
+    rows, seconds = [], []
+    for role, rq in ROLES.items():
+        by_location = {row["task"]: row for row in sections[rq]["per_task"]}
+        role_tasks = [task for task in tasks.get(role, []) if task.location in by_location]
+        if not role_tasks:
+            continue
+        pretrain = statistics.fmean(by_location[t.location]["pretrain_acc"] for t in role_tasks)
+        finetuned = statistics.fmean(by_location[t.location]["finetuned_acc"] for t in role_tasks)
+        for per_class in config.shots:
+            accs = []
+            for task in role_tasks:
+                train = load_frames(dataset, task.location, "train", generator.backbone_config)
+                pick = draw_shots(train.labels, per_class, torch.Generator().manual_seed(config.seed))
+                start = time.perf_counter()
+                result = adapt(
+                    generator,
+                    generator.embed([task.frame]),
+                    train.pixels[pick],
+                    train.labels[pick],
+                    seed=config.seed,
+                    steps=steps,
+                    fallback=fallback,
+                    config=FewShotConfig(config.candidates, config.refine_steps),
+                )
+                seconds.append(time.perf_counter() - start)
+                accs.append(scorer.accuracy(result.vector[None], task.test).item())
+            acc = statistics.fmean(accs)
+            gain = finetuned - pretrain
+            rows.append(
+                {
+                    "split": role,
+                    "shots": per_class,
+                    "acc": acc,
+                    "pretrain_acc": pretrain,
+                    "finetuned_acc": finetuned,
+                    "gain_recovered": (acc - pretrain) / gain if gain > 0 else float("nan"),
+                    "locations": len(role_tasks),
+                }
+            )
+    return rows, statistics.median(seconds) if seconds else None
