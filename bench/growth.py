@@ -102,8 +102,9 @@ def measure_point(source: Store, layout: LoraLayout, checkpoints: int, scale: in
         params = zoo.vectors.shape[1]
         # a VAE step costs about params / 10^4 ms: aim at ~0.5 s of steps for a clean difference
         vae = two_point(fit_vae, store, zoo, "vae_steps", 2, scale * min(200, max(12, 200_000 // params)))
-        # a denoiser step costs the same at any adapter size (the latent is fixed)
-        denoiser = two_point(fit_denoiser, store, zoo, "denoiser_steps", 2, scale * 50)
+        # A denoiser step costs the same at any adapter size (the latent is fixed), but the stage first encodes
+        # the whole zoo, seconds for big adapters: enough steps (~5 s) that their cost stands out of its noise.
+        denoiser = two_point(fit_denoiser, store, zoo, "denoiser_steps", 2, scale * 150)
         g = Generator.from_store(store)
         frame = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
         batch1 = generation_seconds(g, frame, DEFAULT_STEPS, repeats, 1)["seconds"]
