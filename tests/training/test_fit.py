@@ -73,16 +73,23 @@ def test_a_new_vae_makes_the_denoiser_stale(smoke_store, smoke_world, tmp_path):
     dataset, store = read_cct(smoke_world), Store(root)
     config = replace(get_profile("smoke").fit, vae_steps=3, denoiser_steps=3, seed=5)
     fit_vae(store, load_seen_zoo(dataset, store, load_backbone(store)[0]), config, progress=False)
-    assert not denoiser_is_current(store)
+    assert not denoiser_is_current(store, config)
     assert list(fit(dataset, store, config, progress=False)) == ["denoiser"]
-    assert denoiser_is_current(store)
+    assert denoiser_is_current(store, config)
+
+
+def test_changed_settings_refit_only_that_component(smoke_store, smoke_world, tmp_path):
+    root = copy_store(smoke_store, tmp_path)
+    config = replace(get_profile("smoke").fit, denoiser_steps=3)
+    assert list(fit(read_cct(smoke_world), Store(root), config, progress=False)) == ["denoiser"]
+    assert Store(root).manifest["components"]["denoiser"]["settings"]["steps"] == 3
 
 
 def test_force_refits_everything(smoke_store, smoke_world, tmp_path):
     root = copy_store(smoke_store, tmp_path)
     config = replace(get_profile("smoke").fit, vae_steps=3, denoiser_steps=3)
     trained = fit(read_cct(smoke_world), Store(root), config, force=True, progress=False)
-    assert list(trained) == ["condition", "vae", "denoiser"]
+    assert list(trained) == ["condition", "ood", "vae", "denoiser"]
     Store.open(root)  # still consistent
 
 
