@@ -65,7 +65,7 @@ class ConditionEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.backbone_config.width if self.config.features == "block" else self.tower.output_dim
+        return self.tower.transformer.width if self.config.features == "block" else self.tower.output_dim
 
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The denoiser: predicts the noise in a latent (B, C, L) given the timestep and the condition features.
+"""The denoiser: given a noisy latent (B, C, L), the timestep and the condition features, predicts the clean
+latent (or the noise; the scheduler's `prediction_type` says which, see `training.fit.FitConfig`).
 
 As in the paper, the condition embedding is projected and ADDED to the timestep embedding; diffusers'
 `TimestepEmbedding(cond_proj_dim=D)` does exactly that (sinusoidal features + Linear(condition), then an
@@ -101,11 +102,11 @@ class UNet1D(nn.Module):
                 )
             )
         self.conv_out = nn.Conv1d(config.channels[0], in_channels, kernel, padding=kernel // 2)
-        nn.init.zeros_(self.conv_out.weight)  # start by predicting zero noise
+        nn.init.zeros_(self.conv_out.weight)  # start by predicting zeros (the mean latent, or no noise)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) predicted noise."""
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) prediction."""
         emb = self.embedding(timesteps, condition)  # (B, embed_dim)
         x = self.conv_in(sample)  # (B, channels[0], L)
         skips = []
@@ -132,7 +133,7 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.proj_out[-1].bias)
 
     def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) predicted noise."""
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) prediction."""
         emb = self.embedding(timesteps, condition)
         x = self.proj_in(sample.flatten(1))  # (B, hidden)
         for block in self.blocks:

@@ -16,13 +16,14 @@ Writes into the store:
     fallback.safetensors         per-seen-location mean adapters, served out of distribution (model_store.ood)
     fit/loss_vae.png, fit/loss_denoiser.png
 and every component's config and summary in the manifest, with the OOD threshold calibrated on the held-out
-frames (`components.condition.ood_threshold`, rule in `model_store.ood`). Resumable: a finished component is skipped
-(the denoiser also reruns when the files it was trained on changed); `--force` redoes everything.
+frames (`components.condition.ood_threshold`, rule in `model_store.ood`). Resumable: a finished component is
+skipped unless its settings changed (or, for the denoiser, the files it was trained on); `--force` redoes all.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -67,11 +68,15 @@ class FitConfig:
     vae_steps: int = 1500
     vae_batch_size: int = 64
     vae_lr: float = 3e-3
-    denoiser_steps: int = 4000
+    denoiser_steps: int = 3000
     denoiser_batch_size: int = 64
-    denoiser_lr: float = 1e-3
+    denoiser_lr: float = 2e-3
     warmup_steps: int = 100  # linear lr warm-up, then cosine decay (both networks)
     train_timesteps: int = 1000
+    # What the denoiser predicts: "sample" (the clean latent) | "epsilon" (the noise) | "v_prediction".
+    # Measured on the demo zoo (seen locations, UNet): epsilon-prediction samples landed between a location's
+    # runs (test accuracy 0.897 against 0.94 fine-tuned), sample-prediction on a run (0.943).
+    prediction_type: str = "sample"
     beta_schedule: str = "linear"  # DDPM's; any diffusers beta_schedule name
     seed: int = 0
     # These networks are small: one thread is about as fast as two, and on shared cores two threads
@@ -102,17 +107,37 @@ def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, prog
     classifier, _ = load_backbone(store)
     zoo = load_seen_zoo(dataset, store, classifier)
     trained = {}
-    if force or not store.has(CONDITIONS_FILE):
+    if force or not is_current(store, config, "condition", [CONDITIONS_FILE]):
         trained["condition"] = fit_conditions(dataset, store, classifier, zoo.locations, config)
     if force or "ood_threshold" not in store.manifest["components"]["condition"] or not store.has(FALLBACK_FILE):
         trained["ood"] = fit_ood(dataset, store, classifier, zoo, config)
-    if force or not (store.has(VAE_FILE) and store.has(NORMALIZATION_FILE)):
+    if force or not is_current(store, config, "vae", [VAE_FILE, NORMALIZATION_FILE]):
         trained["vae"] = fit_vae(store, zoo, config, progress)
-    if force or not denoiser_is_current(store):
+    if force or not denoiser_is_current(store, config):
         trained["denoiser"] = fit_denoiser(store, zoo, config, progress)
     if trained:
         store.set_component("fit", asdict(config))
     return trained
+
+
+def settings(config: FitConfig, component: str) -> dict:
+    """What a component is trained with (JSON form); a stored component with other settings is refitted."""
+    if component == "condition":
+        chosen = {"config": config.condition.to_dict()}
+    elif component == "vae":
+        chosen = {"config": config.vae.to_dict(), "steps": config.vae_steps, "batch_size": config.vae_batch_size}
+        chosen |= {"lr": config.vae_lr, "warmup_steps": config.warmup_steps, "seed": config.seed}
+    else:
+        chosen = {"config": config.denoiser.to_dict(), "steps": config.denoiser_steps}
+        chosen |= {"batch_size": config.denoiser_batch_size, "lr": config.denoiser_lr}
+        chosen |= {"warmup_steps": config.warmup_steps, "seed": config.seed, "prediction_type": config.prediction_type}
+        chosen |= {"train_timesteps": config.train_timesteps, "beta_schedule": config.beta_schedule}
+    return json.loads(json.dumps(chosen))  # tuples -> lists, as the manifest stores them
+
+
+def is_current(store: Store, config: FitConfig, component: str, files: list[str]) -> bool:
+    stored = store.manifest["components"].get(component, {})
+    return all(store.has(relpath) for relpath in files) and stored.get("settings") == settings(config, component)
 
 
 def load_seen_zoo(dataset: CCTDataset, store: Store, classifier: Classifier) -> Zoo:
@@ -179,6 +204,7 @@ def fit_conditions(
         "condition",
         {
             "config": config.condition.to_dict(),
+            "settings": settings(config, "condition"),
             "locations": locations,
             "dim": encoder.dim,
             "frames": len(features),
@@ -251,11 +277,9 @@ def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
         "vae",
         {
             "config": config.vae.to_dict(),
+            "settings": settings(config, "vae"),
             "num_params": x.shape[1],
             "checkpoints": len(x),
-            "steps": config.vae_steps,
-            "batch_size": config.vae_batch_size,
-            "lr": config.vae_lr,
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             "reconstruction_mse": reconstruction_mse,  # z-scored, eval mode (no noise)
             "latent_std": latents.std().item(),
@@ -274,18 +298,15 @@ def denoiser_inputs(store: Store) -> dict[str, str]:
     return {relpath: store.manifest["files"][relpath]["sha256"] for relpath in (CONDITIONS_FILE, VAE_FILE)}
 
 
-def denoiser_is_current(store: Store) -> bool:
-    component = store.manifest["components"].get("denoiser", {})
-    return (
-        store.has(DENOISER_FILE)
-        and store.has(SCHEDULER_FILE)
-        and store.has(CONDITIONS_FILE)
-        and store.has(VAE_FILE)
-        and component.get("inputs") == denoiser_inputs(store)
-    )
+def denoiser_is_current(store: Store, config: FitConfig) -> bool:
+    if not is_current(store, config, "denoiser", [DENOISER_FILE, SCHEDULER_FILE, CONDITIONS_FILE, VAE_FILE]):
+        return False
+    return store.manifest["components"]["denoiser"].get("inputs") == denoiser_inputs(store)
 
 
 def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        raise ValueError(f"unknown prediction_type {config.prediction_type!r}: epsilon, sample or v_prediction")
     start = time.perf_counter()
     generator = seed_everything(config.seed + 1)
     vae = ParameterVAE(zoo.vectors.shape[1], VAEConfig.from_dict(store.manifest["components"]["vae"]["config"]))
@@ -306,7 +327,7 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
         num_train_timesteps=config.train_timesteps,
         beta_schedule=config.beta_schedule,
         clip_sample=False,
-        prediction_type="epsilon",
+        prediction_type=config.prediction_type,
         timestep_spacing="trailing",  # sampling starts at t = T-1, pure noise, whatever the step count
     )
     noise_scheduler = DDPMScheduler.from_config(scheduler.config)
@@ -325,7 +346,13 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(config.train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(clean, noise, t)
-        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame]), noise)
+        if config.prediction_type == "epsilon":
+            target = noise
+        elif config.prediction_type == "sample":
+            target = clean
+        else:
+            target = noise_scheduler.get_velocity(clean, noise, t)
+        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame]), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -336,14 +363,12 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
 
     store.save_tensors(DENOISER_FILE, denoiser.state_dict())
     save_scheduler(store, scheduler)
-    save_loss_plot(store, "fit/loss_denoiser.png", losses, "denoiser: noise-prediction MSE")
+    save_loss_plot(store, "fit/loss_denoiser.png", losses, f"denoiser: MSE of the {config.prediction_type} prediction")
     store.set_component(
         "denoiser",
         {
             "config": config.denoiser.to_dict(),
-            "steps": config.denoiser_steps,
-            "batch_size": config.denoiser_batch_size,
-            "lr": config.denoiser_lr,
+            "settings": settings(config, "denoiser"),
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             "inputs": denoiser_inputs(store),
             "seconds": time.perf_counter() - start,
