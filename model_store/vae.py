@@ -22,7 +22,7 @@ and std 1, so a latent noise of 0.1 means 10% of the spread (unpinned, the proto
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -58,7 +58,6 @@ class Normalization:
 
     mean: torch.Tensor  # (P,)
     std: torch.Tensor  # (P,)
-    eps: float = field(default=1e-8, repr=False)
 
     @classmethod
     def fit(cls, vectors: torch.Tensor) -> Normalization:
