@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model_store.generator import DEFAULT_STEPS
+
 MiB = 1024 * 1024
 
 
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice)")
 
     adapter_cache_size: int = Field(256, ge=1, description="adapters kept for lookups by adapter_id")
-    default_steps: int = Field(50, ge=1, le=1000, description="DDIM steps when a request names none")
+    default_steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="DDIM steps when a request names none")
     top_k: int = Field(3, ge=1, description="labels listed per prediction")
     # X-In-Distribution: condition distance <= threshold. A threshold calibrated into the store (manifest
     # components.condition.ood_threshold) wins; this provisional one is used otherwise. Distances are in units

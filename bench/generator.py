@@ -46,7 +46,7 @@ def condition_table(dataset: CCTDataset, generator: Generator) -> list[dict]:
     variants = [ConditionConfig(features="block", block=k) for k in range(len(generator.classifier.blocks))]
     rows = []
     for config in [*variants, ConditionConfig(features="final")]:
-        encoder = ConditionEncoder(generator.classifier, generator.backbone_config, config)
+        encoder = ConditionEncoder(generator.classifier.tower, generator.backbone_config, config)
         train, train_location, _ = embed_backgrounds(dataset, encoder, locations, "train")
         fresh, fresh_location, night = embed_backgrounds(dataset, encoder, locations, "fresh")
         correct = location_identification(train, train_location, fresh, fresh_location).float()

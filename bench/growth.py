@@ -54,7 +54,7 @@ def synthetic_store(
     n_locations = max(1, checkpoints // CHECKPOINTS_PER_LOCATION)
     locations = [f"loc{i:05d}" for i in range(n_locations)]
     condition = ConditionConfig()
-    dim = ConditionEncoder(classifier, backbone, condition).dim
+    dim = ConditionEncoder(classifier.tower, backbone, condition).dim
     frames = n_locations * FRAMES_PER_LOCATION
     store.save_tensors(
         CONDITIONS_FILE,

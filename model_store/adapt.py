@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model_store.generator import DEFAULT_STEPS
 from model_store.lora import adapted_logits, flatten, init_adapter, unflatten
 
 
@@ -95,7 +96,7 @@ def adapt(
     labels: torch.Tensor,
     *,
     seed: int = 0,
-    steps: int = 50,
+    steps: int = DEFAULT_STEPS,
     fallback: torch.Tensor | None = None,
     config: FewShotConfig = FewShotConfig(),
 ) -> FewShotResult:

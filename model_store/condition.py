@@ -1,7 +1,10 @@
 """The condition encoder: one background frame of a location -> a feature vector the denoiser is conditioned on.
 
-A frozen open_clip image tower. In the synthetic world it is the store's pretrained backbone tower (no CLIP
-weights can ship); a separate tower from local weights is a later option of `ConditionConfig.source`.
+A frozen open_clip image tower: by default the store's pretrained backbone tower (`source="backbone"`; the
+synthetic world ships no CLIP weights), or a separate open_clip model from a local checkpoint
+(`source="open_clip"`, e.g. CLIP ViT-B-32 or BioCLIP; `--condition MODEL --condition-weights PATH`). Only
+`wildpdiff fit` reads that checkpoint: it copies the tower into the store (`condition_tower.safetensors`), so a
+store never needs the original file.
 
 Which features? A classifier trained with an `empty` class learns to map every empty frame to nearly the
 same final embedding, which would blind the generator to the location. Patch tokens after an early block
@@ -24,20 +27,24 @@ from typing import TypeVar
 import numpy as np
 import torch
 from PIL import Image
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from model_store.backbone import BackboneConfig, Classifier, preprocess, to_uint8
+from model_store.backbone import BackboneConfig, Classifier, build_classifier, preprocess, to_uint8
 
 CONDITIONS_FILE = "conditions.safetensors"
+CONDITION_TOWER_FILE = "condition_tower.safetensors"  # source="open_clip" only
 
 T = TypeVar("T")
 
 
 @dataclass
 class ConditionConfig:
-    source: str = "backbone"  # "backbone": the store's pretrained tower (the only source so far)
+    source: str = "backbone"  # "backbone": the store's pretrained tower | "open_clip": a tower of its own
     features: str = "block"  # "block": mean-pooled patch tokens after `block` | "final": pooled tower output
     block: int = 1  # 0-based transformer block whose output tokens are pooled (features="block")
+    # source="open_clip": the tower's `BackboneConfig` (model name, local weights, vision_cfg, mean/std)
+    tower: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,20 +55,43 @@ class ConditionConfig:
 
 
 class ConditionEncoder(nn.Module):
-    """Frozen tower: (B, 3, S, S) normalised pixels -> (B, D) features."""
+    """Frozen tower: (B, 3, S, S) normalised pixels -> (B, D) features.
 
-    def __init__(self, classifier: Classifier, backbone_config: BackboneConfig, config: ConditionConfig):
+    `image_config` says how images are resized and normalised for this tower (its own mean/std)."""
+
+    def __init__(self, tower: VisionTransformer, image_config: BackboneConfig, config: ConditionConfig):
         super().__init__()
-        if config.source != "backbone":
-            raise ValueError(f"unknown condition source {config.source!r}: only 'backbone' is supported")
         if config.features not in ("block", "final"):
             raise ValueError(f"unknown condition features {config.features!r}: expected 'block' or 'final'")
-        if config.features == "block" and not 0 <= config.block < len(classifier.blocks):
-            raise ValueError(f"condition block {config.block} out of range (tower has {len(classifier.blocks)})")
-        self.tower = classifier.tower
-        self.backbone_config = backbone_config
+        blocks = len(tower.transformer.resblocks)
+        if config.features == "block" and not 0 <= config.block < blocks:
+            raise ValueError(f"condition block {config.block} out of range (tower has {blocks})")
+        self.tower = tower
+        self.backbone_config = image_config
         self.config = config
         self.requires_grad_(False).eval()
+
+    @classmethod
+    def build(
+        cls,
+        classifier: Classifier,
+        backbone_config: BackboneConfig,
+        config: ConditionConfig,
+        tower_state: dict[str, torch.Tensor] | None = None,
+    ) -> ConditionEncoder:
+        """The encoder `config` names: the classifier's own tower, or (source="open_clip") a separate tower with
+        `tower_state` (a store's copy) or, when None, the weights of the local checkpoint in `config.tower`."""
+        if config.source == "backbone":
+            return cls(classifier.tower, backbone_config, config)
+        if config.source != "open_clip":
+            raise ValueError(f"unknown condition source {config.source!r}: expected 'backbone' or 'open_clip'")
+        if config.tower is None:
+            raise ValueError("an open_clip condition encoder needs its tower config (`open_clip_backbone`)")
+        tower_config = BackboneConfig.from_dict(config.tower)
+        tower = build_classifier(tower_config, pretrained=tower_state is None).tower
+        if tower_state is not None:
+            tower.load_state_dict(tower_state)
+        return cls(tower, tower_config, config)
 
     @property
     def dim(self) -> int:

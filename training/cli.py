@@ -4,7 +4,7 @@
     wildpdiff pretrain --data data/demo --store model_store/demo [--profile demo]
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
-    wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 50]
+    wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 10]
                        [--shots a.png b.png --labels deer empty [--refine-steps 0]]
     wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling]
     wildpdiff pipeline --data data/demo --store model_store/demo     (all stages; resumable)
@@ -25,10 +25,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from model_store.backbone import BACKBONE_FILE, open_clip_backbone
+from model_store.generator import DEFAULT_STEPS
 from model_store.store import Store, StoreError
 from training.data import CCTDataset, DataError, read_cct, scan_cct
 from training.profiles import PROFILES, Profile, get_profile
@@ -91,20 +91,16 @@ def _apply_model_options(profile: Profile, args: argparse.Namespace) -> None:
         profile.backbone.std = tuple(std or profile.backbone.std)
 
     condition, condition_weights = getattr(args, "condition", None), getattr(args, "condition_weights", None)
+    condition_mean, condition_std = getattr(args, "condition_mean", None), getattr(args, "condition_std", None)
     if not (condition or condition_weights):
+        if condition_mean or condition_std:
+            raise ValueError("--condition-mean/--condition-std need --condition MODEL")
         return
-    if not {"model_name", "weights"} <= {f.name for f in fields(profile.fit.condition)}:
-        raise ValueError(
-            "--condition: the condition encoder cannot load a tower of its own yet (model_store/condition.py); "
-            "it uses the backbone's tower, so pass the pretrained model with --backbone"
-        )
     if not (condition and condition_weights):
         raise ValueError("--condition and --condition-weights go together")
-    if not Path(condition_weights).is_file():
-        raise FileNotFoundError(f"open_clip weights file not found: {condition_weights}")
+    tower = open_clip_backbone(condition, condition_weights, condition_mean, condition_std)
     profile.fit.condition.source = "open_clip"
-    profile.fit.condition.model_name = condition
-    profile.fit.condition.weights = str(Path(condition_weights).resolve())
+    profile.fit.condition.tower = tower.to_dict()
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
@@ -284,11 +280,19 @@ def backbone_options(p: argparse.ArgumentParser) -> None:
 
 
 def condition_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("condition encoder (default: the backbone's tower)")
+    g = p.add_argument_group("condition encoder (default: the backbone's tower; local files only)")
     g.add_argument(
-        "--condition", metavar="MODEL", help="open_clip model of a separate condition encoder (not supported yet)"
+        "--condition",
+        metavar="MODEL",
+        help="open_clip model name or config .json of a separate condition encoder (same features as the default)",
     )
     g.add_argument("--condition-weights", metavar="PATH", help="local open_clip checkpoint of the condition MODEL")
+    g.add_argument(
+        "--condition-mean", type=float, nargs=3, metavar=("R", "G", "B"), help="its input mean (OpenAI CLIP's)"
+    )
+    g.add_argument(
+        "--condition-std", type=float, nargs=3, metavar=("R", "G", "B"), help="its input std (OpenAI CLIP's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--background", required=True, help="background (empty) frame of the location")
     p.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
     p.add_argument("--shots", nargs="+", default=[], help="labelled frames of the location: choose among candidates")
     p.add_argument("--labels", nargs="+", default=[], help="one class name per --shots file")
     p.add_argument("--candidates", type=int, default=16, help="generated candidates scored on the shots")

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from model_store.backbone import BackboneConfig, Classifier, normalize
 from model_store.condition import split_backgrounds
+from model_store.generator import DEFAULT_STEPS
 from model_store.lora import LoraLayout, adapted_logits, flatten, unflatten
 from model_store.ood import load_fallback
 from model_store.store import Store
@@ -72,7 +73,7 @@ class ScalingConfig:
 @dataclass
 class EvalConfig:
     samples: int = 10  # generated adapters per location (seeds 0..samples-1)
-    steps: int = 50  # DDIM steps per generated adapter
+    steps: int = DEFAULT_STEPS  # DDIM steps per generated adapter, as the service uses
     baseline_samples: int = 5  # draws of the noise and gaussian baselines per location
     knn_ks: tuple[int, ...] = (1, 2, 3, 4, 8)
     knn_weightings: tuple[str, ...] = ("uniform", "inverse_distance")

@@ -9,6 +9,8 @@ held-out half measures how well fresh frames identify their location (recorded i
 
 Writes into the store:
     conditions.safetensors       stored seen-location frame embeddings, their location index, z-score stats
+    condition_tower.safetensors  the condition encoder's own tower (only with --condition: a copy of the
+                                 local checkpoint's image tower, so the store never needs that file)
     normalization.safetensors    per-coordinate mean/std of the flat adapters
     vae.safetensors              the parameter VAE
     denoiser.safetensors         the latent denoiser
@@ -37,6 +39,7 @@ from tqdm import tqdm
 
 from model_store.backbone import Classifier, load_backbone
 from model_store.condition import (
+    CONDITION_TOWER_FILE,
     CONDITIONS_FILE,
     ConditionConfig,
     ConditionEncoder,
@@ -107,7 +110,8 @@ def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, prog
     classifier, _ = load_backbone(store)
     zoo = load_seen_zoo(dataset, store, classifier)
     trained = {}
-    if force or not is_current(store, config, "condition", [CONDITIONS_FILE]):
+    condition_files = [CONDITIONS_FILE] + ([CONDITION_TOWER_FILE] if config.condition.source == "open_clip" else [])
+    if force or not is_current(store, config, "condition", condition_files):
         trained["condition"] = fit_conditions(dataset, store, classifier, zoo.locations, config)
     if force or "ood_threshold" not in store.manifest["components"]["condition"] or not store.has(FALLBACK_FILE):
         trained["ood"] = fit_ood(dataset, store, classifier, zoo, config)
@@ -185,7 +189,9 @@ def fit_conditions(
     dataset: CCTDataset, store: Store, classifier: Classifier, locations: list[str], config: FitConfig
 ) -> float:
     start = time.perf_counter()
-    encoder = ConditionEncoder(classifier, load_backbone(store)[1], config.condition)
+    encoder = ConditionEncoder.build(classifier, load_backbone(store)[1], config.condition)  # reads a local file
+    if config.condition.source == "open_clip":
+        store.save_tensors(CONDITION_TOWER_FILE, encoder.tower.state_dict())
     features, location, _ = embed_backgrounds(dataset, encoder, locations, "train")
     mean, std = features.mean(0), features.std(0).clamp_min(1e-6)
     # Distance unit: how far a stored frame is from its nearest other stored frame (median over frames).
@@ -226,7 +232,8 @@ def fit_conditions(
 def fit_ood(dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo, config: FitConfig) -> float:
     """Calibrate the OOD threshold on the held-out frames and store the fallback adapters (model_store.ood)."""
     start = time.perf_counter()
-    encoder = ConditionEncoder(classifier, load_backbone(store)[1], config.condition)
+    tower_state = store.load_tensors(CONDITION_TOWER_FILE) if config.condition.source == "open_clip" else None
+    encoder = ConditionEncoder.build(classifier, load_backbone(store)[1], config.condition, tower_state)
     conditions = store.load_tensors(CONDITIONS_FILE)
     fresh, _, _ = embed_backgrounds(dataset, encoder, zoo.locations, "fresh")
     references = standardize(conditions["features"], conditions["mean"], conditions["std"])

@@ -146,7 +146,9 @@ def test_open_clip_tower_loads_from_a_local_file(tiny_clip):
             "unknown open_clip model 'NoSuchNet'",
         ),
         (["pretrain", "--backbone", "ViT-B-32"], "--backbone needs --backbone-weights"),
-        (["fit", "--condition", "ViT-B-32", "--condition-weights", "WEIGHTS"], "--condition: the condition encoder"),
+        (["fit", "--condition", "ViT-B-32"], "--condition and --condition-weights go together"),
+        (["fit", "--condition", "ViT-B-32", "--condition-weights", "nowhere.pt"], "open_clip weights file not found"),
+        (["fit", "--condition-std", "1", "1", "1"], "--condition-mean/--condition-std need --condition MODEL"),
     ],
 )
 def test_bad_model_flags_are_one_line_errors(cct, tiny_clip, tmp_path, capsys, flags, message):
@@ -188,13 +190,16 @@ def test_pipeline_end_to_end_on_real_shaped_data(cct, tiny_clip, tmp_path):
     store_root = tmp_path / "store"
     argv = ["pipeline", "--data", str(root), "--store", str(store_root), "--profile", "smoke", "--quiet"]
     argv += ["--tasks", str(tasks), "--backbone", str(config_file), "--backbone-weights", str(weights)]
+    argv += ["--condition", str(config_file), "--condition-weights", str(weights)]
     assert main(argv) == 0
     store = Store.open(store_root)
+    assert store.manifest["components"]["condition"]["config"]["source"] == "open_clip"
+    assert store.has("condition_tower.safetensors")  # the store keeps its own copy of the condition tower
     report = store.load_json("report/report.json")
     assert [t["task"] for t in report["rq1"]["per_task"]] == ["B03", "ngare_nanyuki_1"]
     assert [t["task"] for t in report["rq2"]["per_task"]] == ["mid_B03"]
     assert [t["task"] for t in report["rq3"]["per_task"]] == ["pink"]
-    weights.rename(weights.with_suffix(".moved"))  # the store does not need the original checkpoint
+    weights.rename(weights.with_suffix(".moved"))  # the store needs neither original checkpoint
     try:
         assert main(["generate", "--store", str(store_root), "--background", str(next(root.rglob("*.jpg"))),
                      "--out", str(tmp_path / "adapter")]) == 0  # fmt: skip
