@@ -4,6 +4,9 @@
         adapter = client.generate_adapter("background.jpg", seed=0)
         Path(f"{adapter.id}.safetensors").write_bytes(adapter.data)
         result = client.classify(["frame1.jpg", "frame2.jpg"], adapter_id=adapter.id)
+        # a location unlike any seen one: refuse rather than guess, or adapt to a few labelled frames
+        adapter = client.generate_adapter("bg.jpg", policy="reject")
+        adapter = client.generate_adapter("bg.jpg", shots=["a.jpg", "b.jpg"], labels=["zebra", "empty"])
 
 A refusal raises `WildPDiffError` with the server's status and message. When the server is busy (429) the
 client waits for `Retry-After` and tries again, `retries` times.
@@ -34,6 +37,7 @@ class GeneratedAdapter:
     data: bytes  # safetensors bytes, or a zip of a PEFT folder (format="peft")
     condition_distance: float
     in_distribution: bool  # condition distance <= the server's OOD threshold
+    policy_applied: str  # generate | fallback-nearest | fallback-base | fewshot
     headers: httpx.Headers
 
 
@@ -77,16 +81,29 @@ class WildPDiffClient:
         seed: int = 0,
         steps: int | None = None,
         format: Literal["safetensors", "peft"] = "safetensors",
+        policy: Literal["generate", "fallback", "reject"] | None = None,
+        shots: list[FileLike] | None = None,
+        labels: list[str] | None = None,
+        refine_steps: int = 0,
     ) -> GeneratedAdapter:
-        data = {"seed": str(seed), "format": format}
+        """`policy` overrides the server's out-of-distribution policy; `shots` (labelled frames, one class name
+        per file in `labels`) make it choose among generated candidates on them, then refine `refine_steps`."""
+        data: dict[str, str | list[str]] = {"seed": str(seed), "format": format, "refine_steps": str(refine_steps)}
         if steps is not None:
             data["steps"] = str(steps)
-        response = self._request("POST", "/adapters", files=[_file("background", background, "background")], data=data)
+        if policy is not None:
+            data["policy"] = policy
+        if labels:
+            data["labels"] = list(labels)
+        files = [_file("background", background, "background")]
+        files += [_file("shots", shot, f"shot{i}") for i, shot in enumerate(shots or [])]
+        response = self._request("POST", "/adapters", files=files, data=data)
         return GeneratedAdapter(
             id=response.headers["X-Adapter-Id"],
             data=response.content,
             condition_distance=float(response.headers["X-Condition-Distance"]),
             in_distribution=response.headers["X-In-Distribution"] == "true",
+            policy_applied=response.headers.get("X-Policy-Applied", ""),
             headers=response.headers,
         )
 

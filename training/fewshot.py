@@ -2,7 +2,8 @@
 
 Per interp / unseen location and per budget k in `shots` (labelled frames PER CLASS): draw k frames of each
 class from the location's TRAIN split, let `model_store.adapt.adapt` choose (and optionally refine) an
-adapter on them, and score it on the TEST split. Per role and budget:
+adapter on them, and score it on the TEST split. How many refinement steps (`refine_steps` options) is
+chosen per role and budget by the mean accuracy on the locations' VAL split, never on test. Per role and budget:
 
     gain_recovered = (acc - pretrain) / (finetuned - pretrain)
 
@@ -28,7 +29,7 @@ ROLES = {"interp": "rq2", "unseen": "rq3"}
 class FewShotEvalConfig:
     shots: tuple[int, ...] = (1, 5, 10)  # labelled frames per class
     candidates: int = 16
-    refine_steps: int = 0
+    refine_steps: tuple[int, ...] = (0, 10, 30, 100)  # options; the one with the best val accuracy is reported
     seed: int = 0
 
 
@@ -43,13 +44,13 @@ def draw_shots(labels: torch.Tensor, per_class: int, generator: torch.Generator)
 
 def evaluate_fewshot(
     dataset: CCTDataset, generator, fallback, sections: dict, tasks: dict, steps: int, config: FewShotEvalConfig
-) -> tuple[list[dict], float | None]:
-    """-> (fewshot rows, median seconds per adaptation). `tasks`: role -> that role's `Task`s (evaluate.py);
-    `sections`: the report's rq sections, for pretrain and fine-tuned accuracy."""
+) -> tuple[list[dict], dict[str, float]]:
+    """-> (fewshot rows, {refine steps: median seconds per adaptation}). `tasks`: role -> that role's `Task`s
+    (evaluate.py); `sections`: the report's rq sections, for pretrain and fine-tuned accuracy."""
     from training.evaluate import Scorer, load_frames  # here: evaluate imports this module's config
 
     scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
-    rows, seconds = [], []
+    rows, seconds = [], {}
     for role, rq in ROLES.items():
         by_location = {row["task"]: row for row in sections[rq]["per_task"]}
         role_tasks = [task for task in tasks.get(role, []) if task.location in by_location]
@@ -58,24 +59,28 @@ def evaluate_fewshot(
         pretrain = statistics.fmean(by_location[t.location]["pretrain_acc"] for t in role_tasks)
         finetuned = statistics.fmean(by_location[t.location]["finetuned_acc"] for t in role_tasks)
         for per_class in config.shots:
-            accs = []
+            # per option: (val accuracies, test accuracies) over the role's locations
+            scores = {steps_: ([], []) for steps_ in config.refine_steps}
             for task in role_tasks:
                 train = load_frames(dataset, task.location, "train", generator.backbone_config)
                 pick = draw_shots(train.labels, per_class, torch.Generator().manual_seed(config.seed))
-                start = time.perf_counter()
-                result = adapt(
-                    generator,
-                    generator.embed([task.frame]),
-                    train.pixels[pick],
-                    train.labels[pick],
-                    seed=config.seed,
-                    steps=steps,
-                    fallback=fallback,
-                    config=FewShotConfig(config.candidates, config.refine_steps),
-                )
-                seconds.append(time.perf_counter() - start)
-                accs.append(scorer.accuracy(result.vector[None], task.test).item())
-            acc = statistics.fmean(accs)
+                for refine_steps in config.refine_steps:
+                    start = time.perf_counter()
+                    result = adapt(
+                        generator,
+                        generator.embed([task.frame]),
+                        train.pixels[pick],
+                        train.labels[pick],
+                        seed=config.seed,
+                        steps=steps,
+                        fallback=fallback,
+                        config=FewShotConfig(config.candidates, refine_steps),
+                    )
+                    seconds.setdefault(refine_steps, []).append(time.perf_counter() - start)
+                    scores[refine_steps][0].append(scorer.accuracy(result.vector[None], task.val).item())
+                    scores[refine_steps][1].append(scorer.accuracy(result.vector[None], task.test).item())
+            chosen = max(config.refine_steps, key=lambda option: statistics.fmean(scores[option][0]))
+            acc = statistics.fmean(scores[chosen][1])
             gain = finetuned - pretrain
             rows.append(
                 {
@@ -86,6 +91,8 @@ def evaluate_fewshot(
                     "finetuned_acc": finetuned,
                     "gain_recovered": (acc - pretrain) / gain if gain > 0 else float("nan"),
                     "locations": len(role_tasks),
+                    "refine_steps": chosen,
+                    "val_acc": {str(option): statistics.fmean(scores[option][0]) for option in config.refine_steps},
                 }
             )
-    return rows, statistics.median(seconds) if seconds else None
+    return rows, {str(option): statistics.median(times) for option, times in seconds.items()}

@@ -56,7 +56,7 @@ PROFILES = {
             hypernet=HypernetConfig(steps=200),
             ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
             scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
-            fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4),
+            fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4, refine_steps=(0, 5)),
         ),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),

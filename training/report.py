@@ -215,11 +215,12 @@ def markdown(report: dict) -> str:
         f"speed-up {timing['speedup']:.0f}x.",
         "",
     ]
-    if timing.get("fewshot_seconds_per_adaptation") is not None:
-        lines[-1:-1] = [
-            f"One few-shot adaptation (candidates scored on the shots, median): "
-            f"{timing['fewshot_seconds_per_adaptation'] * 1000:.0f} ms.",
-        ]
+    if timing.get("fewshot_seconds_per_adaptation"):
+        per_option = ", ".join(
+            f"{seconds * 1000:.0f} ms with {steps} refinement steps"
+            for steps, seconds in timing["fewshot_seconds_per_adaptation"].items()
+        )
+        lines[-1:-1] = [f"One few-shot adaptation (candidates scored on the shots, median): {per_option}."]
 
     ablation = report["ablation"]
     if ablation["saving_interval"]:
@@ -252,8 +253,11 @@ def markdown(report: dict) -> str:
     if report["fewshot"]:
         lines += ["## Few-shot", ""]
         lines += table(
-            ["Split", "Shots", "Accuracy", "Gain recovered"],
-            [[r["split"], str(r["shots"]), pct(r["acc"]), f"{r['gain_recovered']:.2f}"] for r in report["fewshot"]],
+            ["Split", "Shots per class", "Refinement steps (chosen on val)", "Accuracy", "Gain recovered"],
+            [
+                [r["split"], str(r["shots"]), str(r["refine_steps"]), pct(r["acc"]), f"{r['gain_recovered']:.2f}"]
+                for r in report["fewshot"]
+            ],
         )
         lines.append("")
     return "\n".join(lines)

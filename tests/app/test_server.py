@@ -34,6 +34,18 @@ def test_client_round_trip(server, backgrounds, frames, tmp_path):
         assert info.value.status_code == 404
 
 
+def test_client_policy_and_few_shot(server, backgrounds, frames):
+    with WildPDiffClient(server) as client:
+        classes = client.info()["classes"]
+        assert client.generate_adapter(backgrounds[0], steps=5, policy="generate").policy_applied == "generate"
+        labels = [classes[0], classes[1]]
+        adapted = client.generate_adapter(backgrounds[0], steps=5, shots=frames[:2], labels=labels, refine_steps=2)
+        assert adapted.policy_applied == "fewshot"
+        with pytest.raises(WildPDiffError) as info:
+            client.generate_adapter(backgrounds[0], steps=5, shots=frames[:2], labels=["no-such-class", classes[0]])
+        assert info.value.status_code == 422 and "unknown labels ['no-such-class']" in info.value.message
+
+
 def test_concurrent_requests_never_mix_adapters(server, backgrounds, frames):
     with WildPDiffClient(server) as client:
         adapters = [client.generate_adapter(background, seed=0, steps=5).id for background in backgrounds]
