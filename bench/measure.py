@@ -1,7 +1,8 @@
 """Helpers shared by the benchmarks: the machine and its load, clocks, percentiles, a child's peak memory.
 
 The cores are shared, so every measurement carries the 1-minute load average beside it: a number taken at
-load 6 on 2 cores says more about the neighbours than about the code.
+load 6 on 2 cores says more about the neighbours than about the code. The run also records the share of CPU
+time the hypervisor stole (`steal_share`), which the load average inside the machine does not show.
 """
 
 from __future__ import annotations
@@ -25,6 +26,24 @@ import torch
 def load_average() -> float:
     """The 1-minute load average, rounded."""
     return round(os.getloadavg()[0], 2)
+
+
+def cpu_jiffies() -> tuple[int, int]:
+    """(steal, total) CPU time of the machine so far, in jiffies (/proc/stat; (0, 0) where there is none).
+
+    Steal is time the hypervisor gave our virtual CPUs to other guests: at 50% steal every wall time here is
+    about twice what the same work takes on the cores alone, whatever the load average says."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return 0, 0
+    fields = [int(value) for value in stat.read_text().splitlines()[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(start: tuple[int, int], end: tuple[int, int]) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two `cpu_jiffies` readings."""
+    total = end[1] - start[1]
+    return round((end[0] - start[0]) / total, 3) if total > 0 else None
 
 
 def machine() -> dict:

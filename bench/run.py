@@ -25,7 +25,7 @@ import torch
 
 from app.settings import Settings
 from bench import adaptation, growth, memory, service
-from bench.measure import clock, load_average, machine
+from bench.measure import clock, cpu_jiffies, load_average, machine, steal_share
 from model_store.generator import GENERATOR_FILES
 from model_store.store import Store
 
@@ -183,6 +183,11 @@ def performance_md(s: dict) -> str:
         f"store `{s['store']}` ({s['profile']} profile). Load = the 1-minute load average when the figure was "
         f"taken (run: {s['load_average']['start']} at the start, {s['load_average']['end']} at the end)."
     )
+    if s["cpu_steal_share"] is not None:
+        intro += (
+            f" The hypervisor stole {s['cpu_steal_share']:.0%} of the CPU time during the run: wall times are "
+            f"about {1 / max(1e-3, 1 - s['cpu_steal_share']):.1f}x what the cores alone would give."
+        )
     return "\n".join([intro, "", *table(("measure", "value", "target", "met", "load"), rows)])
 
 
@@ -309,6 +314,7 @@ def main() -> None:
         "data": args.data,
         "load_average": {"start": load_average()},
     }
+    jiffies = cpu_jiffies()
     server_threads = Settings().torch_threads or torch.get_num_threads()
     sections = {}
     with clock() as c:
@@ -338,6 +344,7 @@ def main() -> None:
         grow = save("growth", growth.run(args.store, args.full))
     sections["growth"] = c.to_dict()
 
+    meta["cpu_steal_share"] = steal_share(jiffies, cpu_jiffies())
     summary = save("summary", summarise(meta, adapt, http, mem, grow, sections))
     (out / "performance.md").write_text(performance_md(summary))
     (out / "summary.md").write_text(summary_md(summary, adapt, http, mem, grow))

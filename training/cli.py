@@ -53,7 +53,7 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def _dataset(args: argparse.Namespace) -> CCTDataset:
-    dataset = read_cct(args.data, tasks=args.tasks, backgrounds=args.backgrounds)
+    dataset = read_cct(args.data, tasks=args.tasks, backgrounds=args.backgrounds, classes=args.classes)
     print(dataset.summary())
     for note in dataset.notes:
         print(f"note: {note}")
@@ -62,6 +62,12 @@ def _dataset(args: argparse.Namespace) -> CCTDataset:
 
 def _adopt(dataset: CCTDataset, store: Store, args: argparse.Namespace) -> None:
     """Record the roles in STORE/tasks.json; derive missing backgrounds into STORE/backgrounds/ (never into DATA)."""
+    stored = store.manifest.get("classes")
+    if stored and stored != dataset.categories:
+        raise DataError(
+            f"{store.root} was built with {len(stored)} classes {stored[:4]}..., the data now gives "
+            f"{len(dataset.categories)} {dataset.categories[:4]}...: pass the same --classes on every stage"
+        )
     if not store.has("tasks.json") or store.load_json("tasks.json") != dataset.tasks:
         store.save_json("tasks.json", dataset.tasks)
     if dataset.background_root is not None or (dataset.root / "backgrounds").is_dir():
@@ -305,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
             p.add_argument("--store", required=True, help="model store folder (created if missing)")
             p.add_argument("--tasks", metavar="FILE", help="location roles (default: DATA/tasks.json, else derived)")
+            p.add_argument(
+                "--classes", metavar="FILE", help="JSON list of the category names to keep (default: all)"
+            )
             p.add_argument(
                 "--backgrounds", metavar="DIR", help="<location>/*.png (default: DATA/backgrounds, else derived)"
             )

@@ -17,7 +17,10 @@ Real CCT data (LILA and others) varies; what the reader accepts and does:
   no annotation of its own. (LILA sets already copy such labels onto every frame, so a frame labelled
   "zebra" may show an animal that has left; nothing here can tell.)
 - images flagged `corrupt`, listed files that are missing, and files that cannot be decoded are
-  skipped and counted, never fatal. Images of any size are resized to the backbone's input on loading.
+  skipped and counted, never fatal. Images of any size are resized to the backbone's input on loading;
+- `classes` (a list of category names, or a JSON file of one) keeps only those categories, in that order
+  after "empty" (e.g. the paper's 19 classes out of Snapshot Serengeti's 61); frames labelled with any
+  other category are skipped and counted as `other_class`.
 
 Splits: an image's own `split` field when present (the synthetic world writes one), else a hash of
 its `seq_id`, so frames of one sequence never straddle train and test.
@@ -69,6 +72,7 @@ class CCTDataset:
     missing: int = 0  # listed files not on disk, skipped
     unlabelled: int = 0  # images without an annotation, skipped
     corrupt: int = 0  # images flagged `corrupt` in the metadata, skipped
+    other_class: int = 0  # images of a category left out by `classes`, skipped
     unreadable: Counter = field(default_factory=Counter)  # location -> corrupt files met while loading
     background_root: Path | None = None  # folder of <location>/*.png; default root/backgrounds
     notes: list[str] = field(default_factory=list)  # what the reader decided that the user should know
@@ -108,11 +112,12 @@ class CCTDataset:
 
     def summary(self) -> str:
         unreadable = sum(self.unreadable.values())
-        skipped = self.corrupt + self.missing + self.unlabelled + unreadable
+        skipped = self.corrupt + self.missing + self.unlabelled + self.other_class + unreadable
+        other = f", other class {self.other_class}" if self.other_class else ""
         return (
             f"{sum(len(v) for v in self.frames.values())} frames in {len(self.frames)} locations, "
             f"{len(self.categories)} classes; skipped {skipped} (corrupt {self.corrupt}, missing {self.missing}, "
-            f"unlabelled {self.unlabelled}, unreadable {unreadable})"
+            f"unlabelled {self.unlabelled}{other}, unreadable {unreadable})"
         )
 
 
@@ -156,15 +161,19 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def read_cct(
-    root: str | Path, tasks: dict | str | Path | None = None, backgrounds: str | Path | None = None
+    root: str | Path,
+    tasks: dict | str | Path | None = None,
+    backgrounds: str | Path | None = None,
+    classes: list[str] | str | Path | None = None,
 ) -> CCTDataset:
     """Parse and validate a CCT folder with its roles. Raises DataError with a clear message on unusable input.
 
     `tasks`: a dict or the path of a tasks.json; default the folder's own tasks.json, and without one,
     roles derived from label counts (`training.tasks.derive_tasks`). `backgrounds`: the folder that holds
-    `<location>/*.png`; default the dataset's `backgrounds/`.
+    `<location>/*.png`; default the dataset's `backgrounds/`. `classes`: the categories to keep (module
+    docstring); default all.
     """
-    dataset = scan_cct(root)
+    dataset = scan_cct(root, classes)
     if backgrounds is not None:
         dataset.background_root = Path(backgrounds)
     if tasks is None and (dataset.root / "tasks.json").is_file():
@@ -183,7 +192,7 @@ def read_cct(
     return dataset
 
 
-def scan_cct(root: str | Path) -> CCTDataset:
+def scan_cct(root: str | Path, classes: list[str] | str | Path | None = None) -> CCTDataset:
     """Frames, labels and locations of a CCT folder, without roles (`tasks` is empty)."""
     root = Path(root)
     if not root.is_dir():
@@ -193,8 +202,12 @@ def scan_cct(root: str | Path) -> CCTDataset:
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{where}: missing or malformed '{key}' list")
+    if isinstance(classes, (str, Path)):
+        classes = _read_json(Path(classes), "classes file")
+        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+            raise DataError(f"classes file: expected a JSON list of category names, got {type(classes).__name__}")
     try:
-        categories, class_of, notes = _classes(coco["categories"])
+        categories, class_of, notes = _classes(coco["categories"], classes)
         images: dict[str, dict] = {}
         for image in coco["images"]:
             image_id = str(image["id"])
@@ -214,6 +227,9 @@ def scan_cct(root: str | Path) -> CCTDataset:
             continue
         if image_id not in labels:
             skipped["unlabelled"] += 1
+            continue
+        if labels[image_id] is None:
+            skipped["other_class"] += 1
             continue
         path = root / str(image.get("file_name", ""))
         if not image.get("file_name") or not path.is_file():
@@ -236,12 +252,14 @@ def scan_cct(root: str | Path) -> CCTDataset:
         missing=skipped["missing"],
         unlabelled=skipped["unlabelled"],
         corrupt=skipped["corrupt"],
+        other_class=skipped["other_class"],
         notes=notes,
     )
 
 
-def _classes(categories: list[dict]) -> tuple[list[str], dict[str, int], list[str]]:
-    """CCT categories -> class names (index 0 = "empty"), category id (as a string) -> class index, notes."""
+def _classes(categories: list[dict], keep: list[str] | None) -> tuple[list[str], dict[str, int | None], list[str]]:
+    """CCT categories -> class names (index 0 = "empty"), category id (as a string) -> class index (None: a
+    category left out by `keep`), notes."""
     names = {str(c["id"]): str(c["name"]) for c in categories}
     empty = [cid for cid, name in names.items() if re.sub(r"[_-]", " ", name.strip().lower()) in EMPTY_NAMES]
     notes = []
@@ -250,12 +268,23 @@ def _classes(categories: list[dict]) -> tuple[list[str], dict[str, int], list[st
     if not empty:
         notes.append("no empty category (named empty/blank/... or id 0): class 0 'empty' has no frames")
     others = sorted((cid for cid in names if cid not in empty), key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
+    if keep is not None:
+        by_name = {names[cid].strip().lower(): cid for cid in others}
+        wanted = [name for name in keep if name.strip().lower() not in {names[cid].strip().lower() for cid in empty}]
+        unknown = [name for name in wanted if name.strip().lower() not in by_name]
+        if unknown:
+            raise DataError(f"classes not among the categories: {unknown}; the categories are {sorted(names.values())}")
+        kept = list(dict.fromkeys(by_name[name.strip().lower()] for name in wanted))
+        class_of = dict.fromkeys(empty, 0) | dict.fromkeys(others) | {cid: i + 1 for i, cid in enumerate(kept)}
+        return ["empty", *(names[cid] for cid in kept)], class_of, notes
     class_of = dict.fromkeys(empty, 0) | {cid: i + 1 for i, cid in enumerate(others)}
     return ["empty", *(names[cid] for cid in others)], class_of, notes
 
 
-def _labels(annotations: list[dict], images: dict[str, dict], class_of: dict[str, int], where: Path) -> dict[str, int]:
-    """Image id -> class index, from the image's own annotations, else from its sequence's."""
+def _labels(
+    annotations: list[dict], images: dict[str, dict], class_of: dict[str, int | None], where: Path
+) -> dict[str, int | None]:
+    """Image id -> class index (None: a left-out category), from the image's own annotations, else its sequence's."""
     own: dict[str, list[int]] = defaultdict(list)
     by_sequence: dict[str, list[int]] = defaultdict(list)
     unknown = Counter()
@@ -279,7 +308,8 @@ def _labels(annotations: list[dict], images: dict[str, dict], class_of: dict[str
     for image_id, image in images.items():
         classes = own.get(image_id) or by_sequence.get(str(image.get("seq_id")), [])
         if classes:
-            labels[image_id] = next((c for c in classes if c != 0), 0)  # an animal wins over empty
+            # an animal wins over empty; a category left out (None) counts as an animal: the frame is not empty
+            labels[image_id] = next((c for c in classes if c != 0), 0)
     return labels
 
 

@@ -47,6 +47,30 @@ def test_reads_what_real_cct_data_holds(cct):
     assert "skipped 4 (corrupt 1, missing 1, unlabelled 1, unreadable 1)" in dataset.summary()
 
 
+def test_a_class_list_keeps_those_categories_in_its_order(cct, tmp_path, capsys):
+    root, _ = cct
+    everything = read_cct(root)
+    dataset = read_cct(root, classes=["Lion", "zebra", "blank"])  # any case; the empty class is always class 0
+    assert dataset.categories == ["empty", "lion", "zebra"]
+    gazelles = sum(f.label == CLASSES.index("gazelle") for frames in everything.frames.values() for f in frames)
+    assert dataset.other_class == gazelles > 0
+    assert Counter(f.label for f in dataset.frames["B05"]) == {1: 9, 2: 9, 0: 8}  # lion 1, zebra 2, no gazelles
+    assert f"other class {gazelles}" in dataset.summary()
+    with pytest.raises(DataError, match=r"classes not among the categories: \['okapi'\]"):
+        read_cct(root, classes=["zebra", "okapi"])
+
+    classes = tmp_path / "classes.json"
+    classes.write_text(json.dumps(["zebra"]))
+    store = tmp_path / "store"
+    argv = ["pretrain", "--data", str(root), "--store", str(store), "--profile", "smoke", "--steps", "2", "--quiet"]
+    assert main([*argv, "--classes", str(classes)]) == 0
+    assert Store.open(store).manifest["classes"] == ["empty", "zebra"]
+    capsys.readouterr()
+    # a later stage without the same class list is refused, not trained on shifted labels
+    assert main(["zoo", "--data", str(root), "--store", str(store), "--profile", "smoke", "--quiet"]) == 2
+    assert "pass the same --classes on every stage" in capsys.readouterr().err
+
+
 def test_tasks_are_derived_by_the_documented_rules(cct):
     root, expected = cct
     dataset = read_cct(root)
