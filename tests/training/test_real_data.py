@@ -59,15 +59,16 @@ def test_a_class_list_keeps_those_categories_in_its_order(cct, tmp_path, capsys)
     with pytest.raises(DataError, match=r"classes not among the categories: \['okapi'\]"):
         read_cct(root, classes=["zebra", "okapi"])
 
-    classes = tmp_path / "classes.json"
+    classes, tasks = tmp_path / "classes.json", tmp_path / "tasks.json"
     classes.write_text(json.dumps(["zebra"]))
+    tasks.write_text(json.dumps({"pretrain": [17], "seen": ["B03", "ngare nanyuki/1"]}))
     store = tmp_path / "store"
-    argv = ["pretrain", "--data", str(root), "--store", str(store), "--profile", "smoke", "--steps", "2", "--quiet"]
-    assert main([*argv, "--classes", str(classes)]) == 0
+    common = ["--data", str(root), "--store", str(store), "--tasks", str(tasks), "--profile", "smoke", "--quiet"]
+    assert main(["pretrain", *common, "--steps", "2", "--classes", str(classes)]) == 0
     assert Store.open(store).manifest["classes"] == ["empty", "zebra"]
     capsys.readouterr()
     # a later stage without the same class list is refused, not trained on shifted labels
-    assert main(["zoo", "--data", str(root), "--store", str(store), "--profile", "smoke", "--quiet"]) == 2
+    assert main(["zoo", *common]) == 2
     assert "pass the same --classes on every stage" in capsys.readouterr().err
 
 
