@@ -115,11 +115,10 @@ STAGES = (
 
 
 def data_fingerprint(dataset: CCTDataset) -> dict[str, str]:
-    """The annotations file, the classes and the location roles (from tasks.json or derived); image files are
-    not hashed."""
+    """The annotations file and the location roles (from tasks.json or derived); image files are not hashed.
+    (Other `--classes` than the store's are refused before any stage runs: training.cli `_adopt`.)"""
     return {
         "annotations": hashlib.sha256((dataset.root / "annotations.json").read_bytes()).hexdigest(),
-        "classes": hashlib.sha256(json.dumps(dataset.categories).encode()).hexdigest(),
         "roles": hashlib.sha256(json.dumps(dataset.tasks, sort_keys=True).encode()).hexdigest(),
     }
 

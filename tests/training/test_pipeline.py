@@ -15,7 +15,6 @@ from training.profiles import get_profile
 @dataclass
 class FakeDataset:
     root: Path
-    categories: tuple[str, ...] = ("empty", "zebra")
 
     @property
     def tasks(self) -> dict:
