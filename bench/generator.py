@@ -23,7 +23,6 @@ import statistics
 import time
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from model_store.condition import (
@@ -31,12 +30,12 @@ from model_store.condition import (
     ConditionEncoder,
     is_night,
     location_identification,
-    split_backgrounds,
 )
 from model_store.generator import Generator
 from model_store.lora import unflatten
 from model_store.store import Store
-from training.data import CCTDataset, read_cct, read_image
+from training.data import CCTDataset, read_cct
+from training.evaluate import fresh_frame
 from training.fit import embed_backgrounds, load_seen_zoo
 from training.zoo import adapter_accuracy, load_zoo_results
 
@@ -96,7 +95,7 @@ def generated_accuracy(dataset: CCTDataset, store: Store, generator: Generator, 
     results = load_zoo_results(store)
     rows = []
     for location in tqdm(generator.locations, desc="generated", leave=False):
-        frame = first_fresh_frame(dataset, location)
+        frame = fresh_frame(dataset, location)[1]
         fresh = generator.embed([frame])  # (1, D)
         vectors = generator.generate_vectors(fresh.repeat(samples, 1), seeds=list(range(samples)), steps=steps)
         test = dataset.load(location, "test", generator.backbone_config.image_size)
@@ -130,14 +129,8 @@ def generated_accuracy(dataset: CCTDataset, store: Store, generator: Generator, 
     return {"samples": samples, "steps": steps, "summary": summary, "per_location": rows}
 
 
-def first_fresh_frame(dataset: CCTDataset, location: str) -> Image.Image:
-    """The frame evaluation conditions on: the first readable held-out background frame."""
-    images = (read_image(path) for path in split_backgrounds(dataset.backgrounds(location))[1])
-    return next(image for image in images if image is not None).convert("RGB")
-
-
 def timing(dataset: CCTDataset, generator: Generator, steps: int) -> dict:
-    frame = first_fresh_frame(dataset, generator.locations[0])
+    frame = fresh_frame(dataset, generator.locations[0])[1]
     generator.generate([frame], seeds=0, steps=steps)  # warm-up
     out = {}
     for batch, repeats in ((1, 10), (64, 3)):
