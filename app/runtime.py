@@ -128,8 +128,7 @@ class Runtime:
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
         """Open and verify the store, load the generator. Raises StoreError (or ValueError) if unusable."""
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.intra_op_threads())
         device = resolve_device(settings.device)
         store = Store(settings.store)
         generator = Generator.from_store(store, device=str(device))

@@ -21,8 +21,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from app.settings import Settings
 from bench import adaptation, growth, memory, service
 from bench.measure import clock, cpu_jiffies, load_average, machine, steal_share
@@ -315,7 +313,7 @@ def main() -> None:
         "load_average": {"start": load_average()},
     }
     jiffies = cpu_jiffies()
-    server_threads = Settings().torch_threads or torch.get_num_threads()
+    server_threads = Settings().intra_op_threads()
     sections = {}
     with clock() as c:
         adapt = save("adaptation", adaptation.run(args.data, args.store, args.full, out, server_threads))

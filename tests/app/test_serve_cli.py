@@ -21,3 +21,15 @@ def test_serve_refuses_a_corrupt_store(smoke_store, tmp_path, capsys):
     assert main(["serve", "--store", str(store), "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert "backbone.safetensors" in err and "sha256" in err and err.count("\n") == 1
+
+
+def test_torch_threads_default_leaves_one_core_to_the_event_loop(monkeypatch):
+    from app.settings import Settings
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert Settings(_env_file=None).intra_op_threads() == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert Settings(_env_file=None).intra_op_threads() == 15
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert Settings(_env_file=None).intra_op_threads() == 1
+    assert Settings(torch_threads=3, _env_file=None).intra_op_threads() == 3
