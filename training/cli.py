@@ -208,6 +208,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"adapter written to {args.out} (seed {args.seed}, {args.steps} steps, condition distance {distance:.2f}, "
         f"nearest seen location {generator.nearest_location(features)[0]}{chosen})"
     )
+    threshold = store.manifest["components"]["condition"].get("ood_threshold")
+    if threshold is not None and distance > threshold and not args.shots:
+        print(
+            f"warning: the background is out of distribution (distance {distance:.2f} > threshold {threshold:.2f}): "
+            "a generated adapter can be worse than the pretrained model here; adapt with a few labelled frames "
+            "(--shots ... --labels ... --refine-steps 10)",
+            file=sys.stderr,
+        )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

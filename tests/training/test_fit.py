@@ -5,12 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 from peft import PeftModel
+from PIL import Image
 from safetensors import safe_open
 
 from model_store.backbone import load_backbone
 from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
-from model_store.generator import SCHEDULER_FILE
+from model_store.generator import SCHEDULER_FILE, Generator
 from model_store.store import MANIFEST, Store, StoreError
 from model_store.vae import VAE_FILE
 from training.cli import main
@@ -142,3 +143,21 @@ def test_cli_generate_errors_are_one_line_and_exit_2(problem, smoke_store, smoke
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_cli_generate_warns_out_of_distribution(smoke_store, smoke_world, tmp_path, capsys):
+    store = Store(smoke_store)
+    generator = Generator.from_store(store)
+    threshold = store.manifest["components"]["condition"]["ood_threshold"]
+    dataset = read_cct(smoke_world)
+    frames = [sorted((smoke_world / "backgrounds" / loc).glob("*.png"))[1] for loc in dataset.locations("unseen")]
+    frames.append(sorted((smoke_world / "backgrounds" / dataset.locations("seen")[0]).glob("*.png"))[0])
+    beyond = []
+    for k, frame in enumerate(frames):
+        distance = float(generator.distance(generator.embed([Image.open(frame)]))[0])
+        args = ["generate", "--store", str(smoke_store), "--background", str(frame), "--steps", "2"]
+        assert main([*args, "--out", str(tmp_path / f"a{k}")]) == 0
+        warned = "warning: the background is out of distribution" in capsys.readouterr().err
+        assert warned == (distance > threshold), (frame, distance, threshold)
+        beyond.append(warned)
+    assert any(beyond) and not all(beyond)  # both cases were exercised
