@@ -6,8 +6,8 @@
   training-half frames), for the pooled tokens after every block and for the final embedding, day and
   night-infrared frames apart;
 - vae: test accuracy of every seen checkpoint after encode -> decode, against the checkpoint itself;
-- generated: per seen location, `samples` adapters (seeds 0..samples-1, 50 DDIM steps) from the location's
-  first fresh frame (the frame evaluation uses); mean test accuracy over the samples (not the best),
+- generated: per seen location, `samples` adapters (seeds 0..samples-1, `--steps` DDIM steps) from the
+  location's first fresh frame (the frame evaluation uses); mean test accuracy over the samples (not the best),
   against the mean of the location's fine-tuned checkpoints and the pretrained backbone;
 - timing: seconds per adapter at batch 1 and 64 (frame -> adapter tensors), one torch thread;
 - fit: seconds per component, from the manifest.
@@ -31,7 +31,7 @@ from model_store.condition import (
     is_night,
     location_identification,
 )
-from model_store.generator import Generator
+from model_store.generator import DEFAULT_STEPS, Generator
 from model_store.lora import unflatten
 from model_store.store import Store
 from training.data import CCTDataset, read_cct
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--data", required=True)
     parser.add_argument("--store", required=True)
     parser.add_argument("--samples", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--compare", nargs="*", default=[], help="other stores: generated accuracy only")
     args = parser.parse_args()
     torch.set_num_threads(1)
