@@ -218,7 +218,7 @@ def markdown(report: dict) -> str:
     if timing.get("fewshot_seconds_per_adaptation"):
         per_option = ", ".join(
             f"{seconds * 1000:.0f} ms with {steps} refinement steps"
-            for steps, seconds in timing["fewshot_seconds_per_adaptation"].items()
+            for steps, seconds in sorted(timing["fewshot_seconds_per_adaptation"].items(), key=lambda kv: int(kv[0]))
         )
         lines[-1:-1] = [f"One few-shot adaptation (candidates scored on the shots, median): {per_option}."]
 
