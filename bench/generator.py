@@ -12,8 +12,9 @@
 - timing: seconds per adapter at batch 1 and 64 (frame -> adapter tensors), one torch thread;
 - fit: seconds per component, from the manifest.
 `--compare` stores (the same zoo, another generator config) get the `generated` measurement too.
-The defaults in `training.fit.FitConfig` (MLP decoder, sample prediction, UNet over MLP) were chosen on these
-numbers (seen locations' test splits; the gaps were 1-5 points): strictly, they are not held out for those choices.
+The defaults in `training.fit.FitConfig` (MLP decoder, sample prediction, UNet over MLP) were first picked on
+these numbers (seen locations' test splits), then re-checked on the val splits: sample vs epsilon prediction
+0.935 vs 0.933 generated, MLP vs conv decoder 0.944 vs 0.926 reconstructed (demo, 2026-11-26).
 """
 
 from __future__ import annotations
