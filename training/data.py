@@ -269,12 +269,11 @@ def _classes(categories: list[dict], keep: list[str] | None) -> tuple[list[str],
         notes.append("no empty category (named empty/blank/... or id 0): class 0 'empty' has no frames")
     others = sorted((cid for cid in names if cid not in empty), key=lambda c: (0, int(c)) if c.isdigit() else (1, c))
     if keep is not None:
-        by_name = {names[cid].strip().lower(): cid for cid in others}
-        wanted = [name for name in keep if name.strip().lower() not in {names[cid].strip().lower() for cid in empty}]
-        unknown = [name for name in wanted if name.strip().lower() not in by_name]
+        by_name = {names[cid].strip().lower(): cid for cid in [*empty, *others]}
+        unknown = [name for name in keep if name.strip().lower() not in by_name]
         if unknown:
             raise DataError(f"classes not among the categories: {unknown}; the categories are {sorted(names.values())}")
-        kept = list(dict.fromkeys(by_name[name.strip().lower()] for name in wanted))
+        kept = [cid for cid in dict.fromkeys(by_name[name.strip().lower()] for name in keep) if cid not in empty]
         class_of = dict.fromkeys(empty, 0) | dict.fromkeys(others) | {cid: i + 1 for i, cid in enumerate(kept)}
         return ["empty", *(names[cid] for cid in kept)], class_of, notes
     class_of = dict.fromkeys(empty, 0) | {cid: i + 1 for i, cid in enumerate(others)}
