@@ -1,7 +1,7 @@
 """A small Python client for the service (httpx).
 
     with WildPDiffClient("http://127.0.0.1:8000") as client:
-        adapter = client.generate_adapter("background.jpg", seed=0)
+        adapter = client.generate_adapter("background.jpg", seed=0)  # or several frames: ["day.jpg", "night.jpg"]
         Path(f"{adapter.id}.safetensors").write_bytes(adapter.data)
         result = client.classify(["frame1.jpg", "frame2.jpg"], adapter_id=adapter.id)
         # a location unlike any seen one: refuse rather than guess, or adapt to a few labelled frames
@@ -41,6 +41,12 @@ class GeneratedAdapter:
     headers: httpx.Headers
 
 
+def _frames(background: FileLike | list[FileLike]) -> list[tuple[str, tuple[str, bytes]]]:
+    """One background frame or several of the same location -> multipart `background` fields."""
+    frames = background if isinstance(background, list) else [background]
+    return [_file("background", frame, f"background{i}") for i, frame in enumerate(frames)]
+
+
 def _file(field: str, item: FileLike, default_name: str) -> tuple[str, tuple[str, bytes]]:
     if isinstance(item, bytes):
         return field, (default_name, item)
@@ -77,7 +83,7 @@ class WildPDiffClient:
 
     def generate_adapter(
         self,
-        background: FileLike,
+        background: FileLike | list[FileLike],
         seed: int = 0,
         steps: int | None = None,
         format: Literal["safetensors", "peft"] = "safetensors",
@@ -86,7 +92,8 @@ class WildPDiffClient:
         labels: list[str] | None = None,
         refine_steps: int = 0,
     ) -> GeneratedAdapter:
-        """`policy` overrides the server's out-of-distribution policy; `shots` (labelled frames, one class name
+        """`background`: one empty frame of the location, or several (day and night; the server combines them).
+        `policy` overrides the server's out-of-distribution policy; `shots` (labelled frames, one class name
         per file in `labels`) make it choose among generated candidates on them, then refine `refine_steps`."""
         data: dict[str, str | list[str]] = {"seed": str(seed), "format": format, "refine_steps": str(refine_steps)}
         if steps is not None:
@@ -95,7 +102,7 @@ class WildPDiffClient:
             data["policy"] = policy
         if labels:
             data["labels"] = list(labels)
-        files = [_file("background", background, "background")]
+        files = _frames(background)
         files += [_file("shots", shot, f"shot{i}") for i, shot in enumerate(shots or [])]
         response = self._request("POST", "/adapters", files=files, data=data)
         return GeneratedAdapter(
@@ -113,7 +120,7 @@ class WildPDiffClient:
         *,
         adapter_id: str | None = None,
         adapter: FileLike | None = None,
-        background: FileLike | None = None,
+        background: FileLike | list[FileLike] | None = None,
         seed: int | None = None,
         steps: int | None = None,
     ) -> dict:
@@ -123,7 +130,7 @@ class WildPDiffClient:
         if adapter is not None:
             files.append(_file("adapter", adapter, "adapter.safetensors"))
         if background is not None:
-            files.append(_file("background", background, "background"))
+            files += _frames(background)
         fields = {"adapter_id": adapter_id, "seed": seed, "steps": steps}
         data = {key: str(value) for key, value in fields.items() if value is not None}
         return self._request("POST", "/classify", files=files, data=data).json()

@@ -61,7 +61,10 @@ ADAPTER_RESPONSE = {
 @router.post("/adapters", response_class=Response, responses={200: ADAPTER_RESPONSE, **ERRORS})
 async def create_adapter(
     runtime: RuntimeDep,
-    background: Annotated[UploadFile, File(description="an empty frame of the location (JPEG, PNG, WebP, GIF)")],
+    background: Annotated[
+        list[UploadFile],
+        File(description="one or more empty frames of the location (JPEG, PNG, WebP, GIF), e.g. day and night"),
+    ],
     seed: Seed = 0,
     steps: Steps = None,
     format: Annotated[Literal["safetensors", "peft"], Form()] = "safetensors",
@@ -70,7 +73,10 @@ async def create_adapter(
     labels: Annotated[list[str] | None, Form(description="one class name per shot file")] = None,
     refine_steps: Annotated[int, Form(ge=0, description="gradient steps on the shots after selection")] = 0,
 ) -> Response:
-    """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given)."""
+    """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given).
+
+    Several `background` frames are combined by the server's frame rule (default: the frame closest to the
+    seen locations' training frames)."""
     generation = Generation(
         seed=seed,
         steps=steps,
@@ -79,7 +85,8 @@ async def create_adapter(
         labels=tuple(labels or []),
         refine_steps=refine_steps,
     )
-    adapter = await runtime.create_adapter(await to_upload(background, "background"), generation)
+    backgrounds = [await to_upload(frame, f"background[{i}]") for i, frame in enumerate(background)]
+    adapter = await runtime.create_adapter(backgrounds, generation)
     body = await runtime.adapter_file(adapter, format)
     media_type, suffix = ("application/zip", "zip") if format == "peft" else ("application/octet-stream", "safetensors")
     headers = adapter_headers(adapter)
@@ -93,7 +100,9 @@ async def classify(
     images: Annotated[list[UploadFile], File(description="one or more frames to classify")],
     adapter_id: Annotated[str | None, Form(max_length=64, description="an id returned by /adapters")] = None,
     adapter: Annotated[UploadFile | None, File(description="a safetensors adapter")] = None,
-    background: Annotated[UploadFile | None, File(description="generate an adapter from this frame first")] = None,
+    background: Annotated[
+        list[UploadFile] | None, File(description="generate an adapter from this frame (or frames) first")
+    ] = None,
     seed: Seed = 0,
     steps: Steps = None,
     policy: Policy = None,
@@ -103,7 +112,7 @@ async def classify(
         [await to_upload(image, f"images[{i}]") for i, image in enumerate(images)],
         adapter_id=adapter_id,
         adapter=adapter and await to_upload(adapter, "adapter"),
-        background=background and await to_upload(background, "background"),
+        backgrounds=[await to_upload(frame, f"background[{i}]") for i, frame in enumerate(background or [])],
         generation=Generation(seed=seed, steps=steps, policy=policy),
     )
     return schemas.ClassifyOut(adapter_id=chosen and chosen.id, predictions=predictions)

@@ -164,8 +164,13 @@ class Runtime:
     def _adapter_id(self, *parts: str) -> str:
         return hashlib.sha256("\0".join([self.generator.store_id, *parts]).encode()).hexdigest()[:32]
 
-    async def create_adapter(self, background: Upload, request: Generation) -> Adapter:
+    async def create_adapter(self, backgrounds: list[Upload], request: Generation) -> Adapter:
+        """An adapter for the location that `backgrounds` (one or more of its empty frames) show."""
         steps = request.steps or self.settings.default_steps
+        if not 1 <= len(backgrounds) <= self.settings.max_backgrounds:
+            raise ApiError(
+                400, f"{len(backgrounds)} background frames in one request; give 1 to {self.settings.max_backgrounds}"
+            )
         if steps > self.max_steps:
             raise ApiError(422, f"steps: at most {self.max_steps} for this store (its scheduler's timesteps)")
         if request.refine_steps > self.settings.max_refine_steps:
@@ -183,7 +188,7 @@ class Runtime:
         )  # fmt: skip
         adapter_id = self._adapter_id(
             "generated",
-            hashlib.sha256(background.data).hexdigest(),
+            *(hashlib.sha256(background.data).hexdigest() for background in backgrounds),
             str(request.seed),
             str(steps),
             request.policy,
@@ -194,23 +199,24 @@ class Runtime:
         if cached := self.cache.get(adapter_id):
             return cached
         with self._admit():
-            adapter = await self._run(self._generate, adapter_id, background, request)
+            adapter = await self._run(self._generate, adapter_id, backgrounds, request)
         self.metrics.generations.inc()
         self.cache.put(adapter)
         return adapter
 
-    def _generate(self, adapter_id: str, background: Upload, request: Generation) -> Adapter:
-        image = decode_image(background.data, background.name, self.settings.max_image_pixels)
+    def _generate(self, adapter_id: str, backgrounds: list[Upload], request: Generation) -> Adapter:
+        images = [decode_image(b.data, b.name, self.settings.max_image_pixels) for b in backgrounds]
         g = self.generator
         with torch.inference_mode():
-            features = g.embed([image])
-            distance = float(g.distance(features)[0])
+            features, distance = g.condition(g.embed(images), self.settings.frame_rule)
         [nearest_location] = g.nearest_location(features)
         in_distribution = distance <= self.ood_threshold
         metadata = {
             "adapter_id": adapter_id,
             **g.metadata(request.seed, request.steps, distance),
             "nearest_location": nearest_location,
+            "background_frames": str(len(images)),
+            "frame_rule": self.settings.frame_rule,
         }
         if not in_distribution and request.policy == "reject":
             raise ApiError(
@@ -285,10 +291,10 @@ class Runtime:
         *,
         adapter_id: str | None = None,
         adapter: Upload | None = None,
-        background: Upload | None = None,
+        backgrounds: list[Upload] | None = None,
         generation: Generation = Generation(),
     ) -> tuple[Adapter | None, list[Prediction]]:
-        if sum(x is not None for x in (adapter_id, adapter, background)) > 1:
+        if sum(bool(x) for x in (adapter_id is not None, adapter, backgrounds)) > 1:
             raise ApiError(422, "give at most one of adapter_id, adapter, background")
         if len(images) > self.settings.max_images:
             raise ApiError(400, f"{len(images)} images in one request; the limit is {self.settings.max_images}")
@@ -297,8 +303,8 @@ class Runtime:
             chosen = self.cache.get(adapter_id)
             if chosen is None:
                 raise ApiError(404, f"unknown adapter id {adapter_id!r} (expired or never created): post it again")
-        elif background is not None:
-            chosen = await self.create_adapter(background, generation)
+        elif backgrounds:
+            chosen = await self.create_adapter(backgrounds, generation)
         with self._admit():
             if adapter is not None:
                 chosen = await self._run(self._parse_adapter, adapter)

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model_store.generator import DEFAULT_STEPS
+from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
 
 MiB = 1024 * 1024
 
@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(32 * MiB, ge=1024, description="largest request body")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
     max_images: int = Field(64, ge=1, description="most images in one /classify request")
+    max_backgrounds: int = Field(16, ge=1, description="most background frames in one request")
 
     # Work limits: requests beyond `max_pending` (running + waiting) are refused with 429 + Retry-After.
     max_pending: int = Field(16, ge=1)
@@ -40,6 +41,8 @@ class Settings(BaseSettings):
 
     adapter_cache_size: int = Field(256, ge=1, description="adapters kept for lookups by adapter_id")
     default_steps: int = Field(DEFAULT_STEPS, ge=1, le=1000, description="DDIM steps when a request names none")
+    # How several background frames of one request become one condition (model_store.generator.FRAME_RULES).
+    frame_rule: Literal[FRAME_RULES] = DEFAULT_FRAME_RULE
     top_k: int = Field(3, ge=1, description="labels listed per prediction")
     # X-In-Distribution: condition distance <= threshold. A threshold calibrated into the store (manifest
     # components.condition.ood_threshold) wins; this provisional one is used otherwise. Distances are in units

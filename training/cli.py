@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from model_store.backbone import BACKBONE_FILE, open_clip_backbone
-from model_store.generator import DEFAULT_STEPS
+from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
 from model_store.store import Store, StoreError
 from training.data import CCTDataset, DataError, read_cct, scan_cct
 from training.profiles import PROFILES, Profile, get_profile
@@ -183,12 +183,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise ValueError(f"{path}: not a readable image")
         return image
 
-    image = read(args.background)
+    images = [read(path) for path in args.background]
     store = Store(args.store)
     generator = Generator.from_store(store)
-    features = generator.embed([image])
-    distance = float(generator.distance(features)[0])
+    features, distance = generator.condition(generator.embed(images), args.frame_rule)
     metadata = generator.metadata(args.seed, args.steps, distance)
+    metadata.update(background_frames=str(len(images)), frame_rule=args.frame_rule)
     if args.shots:
         labels = labels_to_indices(args.labels, generator.classes, len(args.shots))
         pixels = preprocess([read(path) for path in args.shots], generator.backbone_config)
@@ -201,7 +201,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         metadata.update(result.metadata(), refine_steps=str(args.refine_steps))
         chosen = f"; chose {result.source} ({result.shot_acc:.0%} on {len(args.shots)} shots)"
     else:
-        [state] = generator.generate([image], seeds=args.seed, steps=args.steps)
+        [vector] = generator.generate_vectors(features, [args.seed], args.steps)
+        state = {k: v.contiguous() for k, v in unflatten(vector, generator.shapes).items()}
         chosen = ""
     save_adapter_dir(args.out, state, generator.layout, f"wildpdiff:{generator.store_id}", metadata)
     print(
@@ -354,7 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate a PEFT LoRA adapter folder from one background frame")
     p.add_argument("--store", required=True, help="model store folder with a fitted generator")
-    p.add_argument("--background", required=True, help="background (empty) frame of the location")
+    p.add_argument(
+        "--background", required=True, nargs="+", help="background (empty) frame(s) of the location, e.g. day and night"
+    )
+    p.add_argument(
+        "--frame-rule",
+        choices=FRAME_RULES,
+        default=DEFAULT_FRAME_RULE,
+        help=f"how several frames become one condition (default {DEFAULT_FRAME_RULE}: the most typical frame)",
+    )
     p.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")

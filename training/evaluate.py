@@ -39,6 +39,7 @@ from training.baselines import HypernetConfig, LocationIndex, Zoo
 from training.data import CCTDataset, read_image
 from training.fewshot import ROLES as FEWSHOT_ROLES
 from training.fewshot import FewShotEvalConfig, evaluate_fewshot
+from training.representation import RepresentationConfig, evaluate_representation
 
 if TYPE_CHECKING:
     from training.profiles import Profile
@@ -85,6 +86,7 @@ class EvalConfig:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
 
 
 # -----------------------------------------------------------------------------
@@ -476,13 +478,15 @@ def _evaluate(dataset: CCTDataset, store: Store, profile: Profile, ablation: boo
     sections, setup, generated = evaluate_store(dataset, store, generator, config, progress=progress)
     sections["rq3"]["summary"]["ood_auroc"] = ood_auroc(dataset, generator)
     first_seen = fresh_frame(dataset, dataset.locations("seen")[0])[1]
-    held_out = {role: load_tasks(dataset, role, setup.results, generator.backbone_config) for role in FEWSHOT_ROLES}
+    tasks = {role: load_tasks(dataset, role, setup.results, generator.backbone_config) for role in ROLES.values()}
+    held_out = {role: tasks[role] for role in FEWSHOT_ROLES}
     fewshot, fewshot_seconds = evaluate_fewshot(
         dataset, generator, load_fallback(store), sections, held_out, config.steps, config.fewshot
     )
     report = {
         **sections,
         "fewshot": fewshot,
+        "representation": evaluate_representation(dataset, generator, tasks, config.steps, config.representation),
         "timing": timing(generator, first_seen, setup.results, config),
         "settings": settings(store, generator, setup, config),
     }

@@ -260,6 +260,21 @@ def markdown(report: dict) -> str:
             ],
         )
         lines.append("")
+    if report.get("representation"):
+        lines += ["## Task representation", ""]
+        lines += [
+            "How the condition is formed: one held-out frame, several (combined by the frame rule), a night frame "
+            "alone or with daytime frames, classifier-free guidance. Mean accuracy of the sampled adapters.",
+            "",
+        ]
+        lines += table(
+            ["Role", "Condition", "Locations", "Val", "Test"],
+            [
+                [r["role"], r["variant"], str(r["locations"]), pct(r["val_acc"]), pct(r["test_acc"])]
+                for r in report["representation"]
+            ],
+        )
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -7,8 +7,10 @@ import json
 import zipfile
 
 import peft
+import pytest
 import safetensors.torch
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from model_store.backbone import build_classifier
@@ -120,3 +122,36 @@ def test_info_health_metrics(client, smoke_store):
     assert 'route="/info"' in metrics
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/adapters", "/classify", "/info"}
     assert client.get("/docs").status_code == 200
+
+
+def test_several_background_frames_give_the_closest_frames_adapter(client, smoke_world, smoke_store):
+    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][1]
+    frames = [p.read_bytes() for p in sorted((smoke_world / "backgrounds" / location).glob("*.png"))[1::2][:3]]
+    files = [("background", (f"bg{i}.png", frame)) for i, frame in enumerate(frames)]
+    several = client.post("/adapters", files=files, data={"seed": "3", "steps": "4"})
+    assert several.status_code == 200
+    assert client.post("/adapters", files=files, data={"seed": "3", "steps": "4"}).content == several.content
+    state, metadata = load_adapter_bytes(several.content)
+    assert metadata["background_frames"] == "3" and metadata["frame_rule"] == "closest"
+
+    generator = Generator.from_store(Store(smoke_store))
+    distances = generator.distance(generator.embed([Image.open(io.BytesIO(frame)) for frame in frames]))
+    best = int(distances.argmin())
+    assert float(several.headers["X-Condition-Distance"]) == pytest.approx(float(distances[best]), abs=1e-5)
+    alone, _ = load_adapter_bytes(post_adapter(client, frames[best], seed="3", steps="4").content)
+    assert all(torch.allclose(state[key], alone[key], atol=1e-5) for key in alone)  # batch of 3 vs 1: ~1e-7
+
+    by_background = client.post(
+        "/classify", files=[("images", ("f.png", frames[0])), *files], data={"seed": "3", "steps": "4"}
+    )
+    assert by_background.json()["adapter_id"] == several.headers["X-Adapter-Id"]
+
+
+def test_the_mean_frame_rule_is_a_setting(make_app, smoke_world):
+    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][0]
+    frames = [p.read_bytes() for p in sorted((smoke_world / "backgrounds" / location).glob("*.png"))[:2]]
+    files = [("background", (f"bg{i}.png", frame)) for i, frame in enumerate(frames)]
+    with TestClient(make_app(frame_rule="mean")) as mean_client:
+        response = mean_client.post("/adapters", files=files)
+    assert response.status_code == 200
+    assert load_adapter_bytes(response.content)[1]["frame_rule"] == "mean"

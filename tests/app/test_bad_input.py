@@ -124,6 +124,8 @@ def test_bad_requests(client):
         (client.post("/classify", data={"adapter_id": "0" * 32}, files=[image]), 404),  # unknown id
         (client.post("/classify", files=[image, ("background", ("b.png", PNG))], data={"adapter_id": "1"}), 422),
         (client.post("/classify", files=[image] * 70), 400),  # too many files
+        (client.post("/adapters", files=[("background", ("b.png", PNG))] * 17), 400),  # too many background frames
+        (client.post("/adapters", files=[("background", ("b.png", PNG)), ("background", ("c", b"hello, world"))]), 415),
         (client.post("/classify", content=b"--x\r\ngarbage", headers={"content-type": "multipart/form-data"}), 400),
         (client.get("/adapters"), 405),
         (client.get("/no/such/path"), 404),

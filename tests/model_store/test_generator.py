@@ -102,3 +102,35 @@ def test_a_flipped_byte_in_a_generator_file_is_refused(smoke_store, tmp_path, re
 def test_a_store_without_a_generator_is_refused(smoke_zoo_store):
     with pytest.raises(StoreError, match="wildpdiff fit"):
         Generator.from_store(Store(smoke_zoo_store))
+
+
+def test_several_frames_become_one_condition(generator, smoke_world, seen):
+    frames = [background(smoke_world, seen[1], index=i) for i in range(2)]
+    frames.append(Image.new("RGB", (32, 32), (255, 0, 255)))  # nothing like a location: far from every frame
+    features = generator.embed(frames)
+    distances = generator.distance(features)
+
+    closest, distance = generator.condition(features, "closest")
+    best = int(distances.argmin())
+    assert torch.equal(closest, features[best : best + 1]) and distance == pytest.approx(float(distances[best]))
+    assert best != 2
+
+    mean, distance = generator.condition(features, "mean")
+    assert torch.allclose(mean, features.mean(0, keepdim=True))
+    assert distance == pytest.approx(float(generator.distance(mean)[0]))
+
+    one, distance = generator.condition(features[:1])  # one frame: itself, whatever the rule
+    assert torch.equal(one, features[:1]) and distance == pytest.approx(float(distances[0]))
+
+
+def test_bad_frame_combinations_are_refused(generator):
+    with pytest.raises(ValueError, match="unknown frame rule"):
+        generator.condition(torch.zeros(2, generator.encoder.dim), "median")
+    with pytest.raises(ValueError, match="no background frame"):
+        generator.condition(torch.zeros(0, generator.encoder.dim))
+
+
+def test_guidance_needs_a_denoiser_fitted_with_condition_dropout(generator):
+    assert not generator.denoiser.guidable  # the smoke profile fits without condition dropout
+    with pytest.raises(ValueError, match="condition_dropout"):
+        generator.generate_vectors(torch.zeros(1, generator.encoder.dim), seeds=[0], steps=2, guidance=2.0)

@@ -1,0 +1,115 @@
+"""Task representation: how the condition is formed, against accuracy (report.json `representation`).
+
+One background frame is a weak description of a location: a night-infrared frame names its location far
+less surely than a daytime one. Per role (seen, interp, unseen) this measures, with the store's generator,
+what a request can do about it, each on the val and the test split (choices are made on val):
+
+- `1 frame`: the first held-out frame, as the RQ sections use;
+- `K frames, closest` / `K frames, mean`: the first K held-out frames combined by `Generator.condition`;
+- `night frame` / `night + day frames`: on locations with a night-infrared held-out frame, that frame alone
+  against it together with the K first daytime frames (rule "closest"), i.e. a request with day and night;
+- `1 frame, guidance w`: classifier-free guidance, when the denoiser was fitted with condition dropout.
+
+Each row is the mean over locations of the mean accuracy of `samples` adapters (seeds 0..samples-1).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from model_store.condition import is_night, split_backgrounds
+from training.data import CCTDataset
+
+ROLES = ("seen", "interp", "unseen")
+
+
+@dataclass
+class RepresentationConfig:
+    frames: int = 4  # held-out background frames per location for the multi-frame rows
+    samples: int = 5  # adapters per location and variant
+    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)  # scales tried when the denoiser can be guided
+
+
+@dataclass
+class Variant:
+    name: str
+    frames: int  # background frames per request
+    rule: str  # Generator.condition's rule
+    guidance: float = 1.0
+
+
+def held_out_frames(dataset: CCTDataset, location: str) -> list[Image.Image]:
+    """A location's held-out background frames (never seen by the generator), readable ones, RGB."""
+    from training.evaluate import read_frames  # here: evaluate imports this module's config
+
+    return read_frames(split_backgrounds(dataset.backgrounds(location))[1])
+
+
+def variants(config: RepresentationConfig, guidable: bool) -> list[Variant]:
+    k = config.frames
+    rows = [Variant("1 frame", 1, "closest"), Variant(f"{k} frames, closest", k, "closest")]
+    rows.append(Variant(f"{k} frames, mean", k, "mean"))
+    if guidable:
+        rows += [Variant(f"1 frame, guidance {w:g}", 1, "closest", w) for w in config.guidance]
+    return rows
+
+
+def evaluate_representation(
+    dataset: CCTDataset, generator, tasks: dict, steps: int, config: RepresentationConfig
+) -> list[dict]:
+    """`tasks`: role -> that role's `Task`s (evaluate.py, with val and test frames) -> report rows."""
+    from training.evaluate import Scorer  # here: evaluate imports this module's config
+
+    scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
+    seeds = list(range(config.samples))
+
+    def accuracy(features: torch.Tensor, rule: str, guidance: float, task) -> tuple[float, float]:
+        condition, _ = generator.condition(features, rule)
+        vectors = generator.generate_vectors(condition.repeat(len(seeds), 1), seeds, steps, guidance).float()
+        return scorer.accuracy(vectors, task.val).mean().item(), scorer.accuracy(vectors, task.test).mean().item()
+
+    rows = []
+    for role in ROLES:
+        role_tasks = tasks.get(role, [])
+        if not role_tasks:
+            continue
+        frames = {task.location: held_out_frames(dataset, task.location) for task in role_tasks}
+        features = {location: generator.embed(images) for location, images in frames.items()}
+        for variant in variants(config, generator.denoiser.guidable):
+            scores = [
+                accuracy(features[t.location][: variant.frames], variant.rule, variant.guidance, t) for t in role_tasks
+            ]
+            rows.append(row(role, variant, scores))
+
+        # day and night: locations whose held-out frames include a night-infrared one
+        night_scores, mixed_scores = [], []
+        for task in role_tasks:
+            night = [i for i, image in enumerate(frames[task.location]) if is_night(image)]
+            day = [i for i in range(len(frames[task.location])) if i not in night][: config.frames]
+            if not night or not day:
+                continue
+            f = features[task.location]
+            night_scores.append(accuracy(f[night[:1]], "closest", 1.0, task))
+            mixed_scores.append(accuracy(f[night[:1] + day], "closest", 1.0, task))
+        if night_scores:
+            rows.append(row(role, Variant("night frame", 1, "closest"), night_scores))
+            mixed = Variant(f"night + {config.frames} day frames", config.frames + 1, "closest")
+            rows.append(row(role, mixed, mixed_scores))
+    return rows
+
+
+def row(role: str, variant: Variant, scores: list[tuple[float, float]]) -> dict:
+    return {
+        "role": role,
+        "variant": variant.name,
+        "frames": variant.frames,
+        "rule": variant.rule,
+        "guidance": variant.guidance,
+        "val_acc": statistics.fmean(val for val, _ in scores),
+        "test_acc": statistics.fmean(test for _, test in scores),
+        "locations": len(scores),
+    }
