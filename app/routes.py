@@ -75,8 +75,8 @@ async def create_adapter(
 ) -> Response:
     """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given).
 
-    Several `background` frames are combined by the server's frame rule (default: the frame closest to the
-    seen locations' training frames)."""
+    Several `background` frames (e.g. day and night) are combined by the server's frame rule (default: the
+    mean of their condition features)."""
     generation = Generation(
         seed=seed,
         steps=steps,

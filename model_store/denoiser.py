@@ -11,10 +11,6 @@ MLP). Two bodies share that embedding:
 - `kind="mlp"`: a residual MLP over the flattened latent, cheaper for small latents (the feasibility
   prototype's choice).
 
-Classifier-free guidance: with `condition_dropout > 0` the embedding holds a learned null condition, which
-`training.fit` substitutes for a share of the training conditions, so the same network also predicts without
-a condition (`unconditional`); sampling then mixes the two (`model_store.generator`).
-
 The noise schedule lives outside the model (diffusers schedulers, see `model_store.generator`).
 """
 
@@ -40,8 +36,6 @@ class DenoiserConfig:
     hidden: int = 256  # mlp: width
     depth: int = 3  # mlp: residual blocks
     embed_dim: int = 128  # timestep (+ condition) embedding width
-    # share of training conditions replaced by the learned null condition (classifier-free guidance); 0: none
-    condition_dropout: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,9 +47,7 @@ class DenoiserConfig:
         return cls(**data)
 
 
-def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> Denoiser:
-    if not 0.0 <= config.condition_dropout < 1.0:
-        raise ValueError(f"condition_dropout must be in [0, 1), got {config.condition_dropout}")
+def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> nn.Module:
     if config.kind == "unet":
         return UNet1D(config, latent_shape, condition_dim)
     if config.kind == "mlp":
@@ -66,39 +58,16 @@ def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condit
 class Embedding(nn.Module):
     """(B,) timesteps and (B, D) condition features -> (B, embed_dim), condition added before the MLP."""
 
-    def __init__(self, embed_dim: int, condition_dim: int, null_condition: bool):
+    def __init__(self, embed_dim: int, condition_dim: int):
         super().__init__()
         self.timesteps = Timesteps(embed_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.mlp = TimestepEmbedding(embed_dim, embed_dim, cond_proj_dim=condition_dim)
-        # (D,) the "no condition" input of classifier-free guidance; absent when the model never learned one
-        self.null_condition = nn.Parameter(torch.zeros(condition_dim)) if null_condition else None
 
     def forward(self, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.timesteps(timesteps).to(condition.dtype), condition)
 
 
-class Denoiser(nn.Module):
-    """What both bodies share: the embedding, and the null condition when trained with condition dropout."""
-
-    embedding: Embedding
-
-    @property
-    def guidable(self) -> bool:
-        return self.embedding.null_condition is not None
-
-    def unconditional(self, batch: int) -> torch.Tensor:
-        """(batch, D) copies of the learned null condition."""
-        if self.embedding.null_condition is None:
-            raise ValueError("this denoiser was trained without condition dropout: it has no null condition")
-        return self.embedding.null_condition.expand(batch, -1)
-
-    def drop_condition(self, condition: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
-        """(B, D) -> the same with about `share` of the rows replaced by the null condition (training only)."""
-        drop = torch.rand(len(condition), generator=generator) < share  # (B,)
-        return torch.where(drop[:, None], self.unconditional(len(condition)), condition)
-
-
-class UNet1D(Denoiser):
+class UNet1D(nn.Module):
     def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
         super().__init__()
         in_channels, length = latent_shape
@@ -106,7 +75,7 @@ class UNet1D(Denoiser):
         if length % 2 ** (levels - 1):
             raise ValueError(f"latent length {length} cannot be halved {levels - 1} times (unet channels)")
         embed, kernel = config.embed_dim, config.kernel_size
-        self.embedding = Embedding(embed, condition_dim, config.condition_dropout > 0)
+        self.embedding = Embedding(embed, condition_dim)
         self.conv_in = nn.Conv1d(in_channels, config.channels[0], kernel, padding=kernel // 2)
 
         self.down = nn.ModuleList()
@@ -151,12 +120,12 @@ class UNet1D(Denoiser):
         return self.conv_out(x)
 
 
-class ResidualMLP(Denoiser):
+class ResidualMLP(nn.Module):
     def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
         super().__init__()
         self.latent_shape = latent_shape
         size = latent_shape[0] * latent_shape[1]
-        self.embedding = Embedding(config.embed_dim, condition_dim, config.condition_dropout > 0)
+        self.embedding = Embedding(config.embed_dim, condition_dim)
         self.proj_in = nn.Linear(size, config.hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(config.hidden, config.embed_dim) for _ in range(config.depth))
         self.proj_out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, size))

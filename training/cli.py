@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--frame-rule",
         choices=FRAME_RULES,
         default=DEFAULT_FRAME_RULE,
-        help=f"how several frames become one condition (default {DEFAULT_FRAME_RULE}: the most typical frame)",
+        help=f"how several frames become one condition (default {DEFAULT_FRAME_RULE}: of their features)",
     )
     p.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

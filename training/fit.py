@@ -359,10 +359,7 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
             target = clean
         else:
             target = noise_scheduler.get_velocity(clean, noise, t)
-        condition = features[frame]  # (B, D)
-        if config.denoiser.condition_dropout:
-            condition = denoiser.drop_condition(condition, config.denoiser.condition_dropout, generator)
-        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, condition), target)
+        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame]), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

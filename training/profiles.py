@@ -58,7 +58,7 @@ PROFILES = {
             ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
             scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
             fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4, refine_steps=(0, 5)),
-            representation=RepresentationConfig(frames=2, samples=2, guidance=(2.0,)),
+            representation=RepresentationConfig(frames=2, samples=2),
         ),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),

@@ -263,8 +263,9 @@ def markdown(report: dict) -> str:
     if report.get("representation"):
         lines += ["## Task representation", ""]
         lines += [
-            "How the condition is formed: one held-out frame, several (combined by the frame rule), a night frame "
-            "alone or with daytime frames, classifier-free guidance. Mean accuracy of the sampled adapters.",
+            "How the condition is formed: one held-out frame, several (mean of their features, or the frame "
+            "closest to the training frames), a night-infrared frame alone or with daytime frames. Mean accuracy "
+            "of the sampled adapters.",
             "",
         ]
         lines += table(

@@ -2,13 +2,13 @@
 
 One background frame is a weak description of a location: a night-infrared frame names its location far
 less surely than a daytime one. Per role (seen, interp, unseen) this measures, with the store's generator,
-what a request can do about it, each on the val and the test split (choices are made on val):
+what a request with several frames gains, on the val and the test split (`DEFAULT_FRAME_RULE` was chosen on
+val):
 
 - `1 frame`: the first held-out frame, as the RQ sections use;
 - `K frames, closest` / `K frames, mean`: the first K held-out frames combined by `Generator.condition`;
-- `night frame` / `night + day frames`: on locations with a night-infrared held-out frame, that frame alone
-  against it together with the K first daytime frames (rule "closest"), i.e. a request with day and night;
-- `1 frame, guidance w`: classifier-free guidance, when the denoiser was fitted with condition dropout.
+- `night frame` / `night + K day frames`: on locations with a night-infrared held-out frame, that frame
+  alone against it together with the first K daytime frames (default rule), i.e. a request with day and night.
 
 Each row is the mean over locations of the mean accuracy of `samples` adapters (seeds 0..samples-1).
 """
@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from model_store.condition import is_night, split_backgrounds
+from model_store.generator import DEFAULT_FRAME_RULE, FRAME_RULES
 from training.data import CCTDataset
 
 ROLES = ("seen", "interp", "unseen")
@@ -31,7 +32,6 @@ ROLES = ("seen", "interp", "unseen")
 class RepresentationConfig:
     frames: int = 4  # held-out background frames per location for the multi-frame rows
     samples: int = 5  # adapters per location and variant
-    guidance: tuple[float, ...] = (1.5, 2.0, 3.0)  # scales tried when the denoiser can be guided
 
 
 @dataclass
@@ -39,7 +39,6 @@ class Variant:
     name: str
     frames: int  # background frames per request
     rule: str  # Generator.condition's rule
-    guidance: float = 1.0
 
 
 def held_out_frames(dataset: CCTDataset, location: str) -> list[Image.Image]:
@@ -49,13 +48,9 @@ def held_out_frames(dataset: CCTDataset, location: str) -> list[Image.Image]:
     return read_frames(split_backgrounds(dataset.backgrounds(location))[1])
 
 
-def variants(config: RepresentationConfig, guidable: bool) -> list[Variant]:
+def variants(config: RepresentationConfig) -> list[Variant]:
     k = config.frames
-    rows = [Variant("1 frame", 1, "closest"), Variant(f"{k} frames, closest", k, "closest")]
-    rows.append(Variant(f"{k} frames, mean", k, "mean"))
-    if guidable:
-        rows += [Variant(f"1 frame, guidance {w:g}", 1, "closest", w) for w in config.guidance]
-    return rows
+    return [Variant("1 frame", 1, "mean"), *(Variant(f"{k} frames, {rule}", k, rule) for rule in FRAME_RULES)]
 
 
 def evaluate_representation(
@@ -67,9 +62,9 @@ def evaluate_representation(
     scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
     seeds = list(range(config.samples))
 
-    def accuracy(features: torch.Tensor, rule: str, guidance: float, task) -> tuple[float, float]:
+    def accuracy(features: torch.Tensor, rule: str, task) -> tuple[float, float]:
         condition, _ = generator.condition(features, rule)
-        vectors = generator.generate_vectors(condition.repeat(len(seeds), 1), seeds, steps, guidance).float()
+        vectors = generator.generate_vectors(condition.repeat(len(seeds), 1), seeds, steps).float()
         return scorer.accuracy(vectors, task.val).mean().item(), scorer.accuracy(vectors, task.test).mean().item()
 
     rows = []
@@ -79,10 +74,8 @@ def evaluate_representation(
             continue
         frames = {task.location: held_out_frames(dataset, task.location) for task in role_tasks}
         features = {location: generator.embed(images) for location, images in frames.items()}
-        for variant in variants(config, generator.denoiser.guidable):
-            scores = [
-                accuracy(features[t.location][: variant.frames], variant.rule, variant.guidance, t) for t in role_tasks
-            ]
+        for variant in variants(config):
+            scores = [accuracy(features[t.location][: variant.frames], variant.rule, t) for t in role_tasks]
             rows.append(row(role, variant, scores))
 
         # day and night: locations whose held-out frames include a night-infrared one
@@ -93,11 +86,11 @@ def evaluate_representation(
             if not night or not day:
                 continue
             f = features[task.location]
-            night_scores.append(accuracy(f[night[:1]], "closest", 1.0, task))
-            mixed_scores.append(accuracy(f[night[:1] + day], "closest", 1.0, task))
+            night_scores.append(accuracy(f[night[:1]], DEFAULT_FRAME_RULE, task))
+            mixed_scores.append(accuracy(f[night[:1] + day], DEFAULT_FRAME_RULE, task))
         if night_scores:
-            rows.append(row(role, Variant("night frame", 1, "closest"), night_scores))
-            mixed = Variant(f"night + {config.frames} day frames", config.frames + 1, "closest")
+            rows.append(row(role, Variant("night frame", 1, DEFAULT_FRAME_RULE), night_scores))
+            mixed = Variant(f"night + {config.frames} day frames", config.frames + 1, DEFAULT_FRAME_RULE)
             rows.append(row(role, mixed, mixed_scores))
     return rows
 
@@ -108,7 +101,6 @@ def row(role: str, variant: Variant, scores: list[tuple[float, float]]) -> dict:
         "variant": variant.name,
         "frames": variant.frames,
         "rule": variant.rule,
-        "guidance": variant.guidance,
         "val_acc": statistics.fmean(val for val, _ in scores),
         "test_acc": statistics.fmean(test for _, test in scores),
         "locations": len(scores),

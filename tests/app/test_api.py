@@ -15,7 +15,7 @@ from PIL import Image
 
 from model_store.backbone import build_classifier
 from model_store.generator import Generator
-from model_store.lora import adapter_bytes, load_adapter_bytes
+from model_store.lora import adapter_bytes, flatten, load_adapter_bytes
 from model_store.store import Store
 from tests.app.conftest import image_bytes
 
@@ -124,22 +124,29 @@ def test_info_health_metrics(client, smoke_store):
     assert client.get("/docs").status_code == 200
 
 
-def test_several_background_frames_give_the_closest_frames_adapter(client, smoke_world, smoke_store):
-    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][1]
-    frames = [p.read_bytes() for p in sorted((smoke_world / "backgrounds" / location).glob("*.png"))[1::2][:3]]
+def location_frames(smoke_world, role_index: int, count: int) -> list[bytes]:
+    """`count` held-out (odd-position) background frames of a seen location, PNG bytes."""
+    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][role_index]
+    return [p.read_bytes() for p in sorted((smoke_world / "backgrounds" / location).glob("*.png"))[1::2][:count]]
+
+
+def test_several_background_frames_are_conditioned_on_their_mean(client, smoke_world, smoke_store):
+    frames = location_frames(smoke_world, 1, 3)
     files = [("background", (f"bg{i}.png", frame)) for i, frame in enumerate(frames)]
     several = client.post("/adapters", files=files, data={"seed": "3", "steps": "4"})
     assert several.status_code == 200
     assert client.post("/adapters", files=files, data={"seed": "3", "steps": "4"}).content == several.content
+    assert (
+        several.headers["X-Adapter-Id"] != post_adapter(client, frames[0], seed="3", steps="4").headers["X-Adapter-Id"]
+    )
     state, metadata = load_adapter_bytes(several.content)
-    assert metadata["background_frames"] == "3" and metadata["frame_rule"] == "closest"
+    assert metadata["background_frames"] == "3" and metadata["frame_rule"] == "mean"
 
     generator = Generator.from_store(Store(smoke_store))
-    distances = generator.distance(generator.embed([Image.open(io.BytesIO(frame)) for frame in frames]))
-    best = int(distances.argmin())
-    assert float(several.headers["X-Condition-Distance"]) == pytest.approx(float(distances[best]), abs=1e-5)
-    alone, _ = load_adapter_bytes(post_adapter(client, frames[best], seed="3", steps="4").content)
-    assert all(torch.allclose(state[key], alone[key], atol=1e-5) for key in alone)  # batch of 3 vs 1: ~1e-7
+    mean = generator.embed([Image.open(io.BytesIO(frame)) for frame in frames]).mean(0, keepdim=True)
+    assert float(several.headers["X-Condition-Distance"]) == pytest.approx(float(generator.distance(mean)[0]), abs=1e-5)
+    [expected] = generator.generate_vectors(mean, [3], steps=4)
+    assert torch.equal(flatten(state, generator.shapes), expected)
 
     by_background = client.post(
         "/classify", files=[("images", ("f.png", frames[0])), *files], data={"seed": "3", "steps": "4"}
@@ -147,11 +154,19 @@ def test_several_background_frames_give_the_closest_frames_adapter(client, smoke
     assert by_background.json()["adapter_id"] == several.headers["X-Adapter-Id"]
 
 
-def test_the_mean_frame_rule_is_a_setting(make_app, smoke_world):
-    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][0]
-    frames = [p.read_bytes() for p in sorted((smoke_world / "backgrounds" / location).glob("*.png"))[:2]]
+def test_the_closest_frame_rule_is_a_setting(make_app, smoke_world, smoke_store):
+    frames = location_frames(smoke_world, 0, 3)
+    generator = Generator.from_store(Store(smoke_store))
+    distances = generator.distance(generator.embed([Image.open(io.BytesIO(frame)) for frame in frames]))
+    best = int(distances.argmin())
     files = [("background", (f"bg{i}.png", frame)) for i, frame in enumerate(frames)]
-    with TestClient(make_app(frame_rule="mean")) as mean_client:
-        response = mean_client.post("/adapters", files=files)
-    assert response.status_code == 200
-    assert load_adapter_bytes(response.content)[1]["frame_rule"] == "mean"
+    with TestClient(make_app(frame_rule="closest")) as closest_client:
+        several = closest_client.post("/adapters", files=files, data={"seed": "5", "steps": "4"})
+        alone = closest_client.post(
+            "/adapters", files={"background": ("b.png", frames[best])}, data={"seed": "5", "steps": "4"}
+        )
+    state, metadata = load_adapter_bytes(several.content)
+    assert metadata["frame_rule"] == "closest"
+    assert float(several.headers["X-Condition-Distance"]) == pytest.approx(float(distances[best]), abs=1e-5)
+    expected, _ = load_adapter_bytes(alone.content)
+    assert all(torch.allclose(state[key], expected[key], atol=1e-5) for key in expected)  # batch of 3 vs 1: ~1e-7

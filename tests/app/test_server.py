@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
 import pytest
 
 from app.client import WildPDiffClient, WildPDiffError
+from model_store.lora import load_adapter_bytes
 from tests.app.conftest import serve
 
 
@@ -32,6 +34,18 @@ def test_client_round_trip(server, backgrounds, frames, tmp_path):
         with pytest.raises(WildPDiffError) as info:
             client.classify([frames[0]], adapter_id="f" * 32)
         assert info.value.status_code == 404
+
+
+def test_client_sends_several_background_frames(server, smoke_world):
+    location = json.loads((smoke_world / "tasks.json").read_text())["seen"][0]
+    day_and_more = sorted((smoke_world / "backgrounds" / location).glob("*.png"))[1::2][:2]
+    with WildPDiffClient(server) as client:
+        several = client.generate_adapter(day_and_more, seed=1, steps=5)
+        one = client.generate_adapter(day_and_more[0], seed=1, steps=5)
+        by_background = client.classify([day_and_more[0]], background=day_and_more, seed=1, steps=5)
+    _, metadata = load_adapter_bytes(several.data)
+    assert metadata["background_frames"] == "2" and several.id != one.id
+    assert by_background["adapter_id"] == several.id
 
 
 def test_client_policy_and_few_shot(server, backgrounds, frames):

@@ -63,33 +63,3 @@ def test_scheduler_config_round_trip(tmp_path):
     loaded.set_timesteps(10)
     assert torch.equal(scheduler.timesteps, loaded.timesteps)
     assert loaded.config.clip_sample is False
-
-
-@pytest.mark.parametrize("config", [UNET, MLP])
-def test_condition_dropout_adds_a_learned_null_condition(config):
-    plain = build_denoiser(config, (4, 8), condition_dim=6)
-    assert not plain.guidable
-    with pytest.raises(ValueError, match="without condition dropout"):
-        plain.unconditional(2)
-
-    guided = build_denoiser(DenoiserConfig(**{**config.to_dict(), "condition_dropout": 0.5}), (4, 8), condition_dim=6)
-    assert guided.guidable
-    assert "embedding.null_condition" in guided.state_dict()
-    assert guided.unconditional(3).shape == (3, 6)
-
-
-def test_drop_condition_replaces_about_the_share_of_rows_with_the_null_condition():
-    model = build_denoiser(DenoiserConfig(**{**UNET.to_dict(), "condition_dropout": 0.3}), (4, 8), condition_dim=6)
-    with torch.no_grad():
-        model.embedding.null_condition.fill_(7.0)
-    condition = torch.randn(4000, 6)
-    dropped = model.drop_condition(condition, 0.3, torch.Generator().manual_seed(0))
-    is_null = (dropped == 7.0).all(dim=1)
-    assert 0.27 < is_null.float().mean() < 0.33
-    assert torch.equal(dropped[~is_null], condition[~is_null])
-
-
-@pytest.mark.parametrize("share", [-0.1, 1.0])
-def test_a_dropout_share_outside_0_1_is_refused(share):
-    with pytest.raises(ValueError, match="condition_dropout"):
-        build_denoiser(DenoiserConfig(condition_dropout=share), (4, 8), condition_dim=6)

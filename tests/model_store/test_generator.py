@@ -128,9 +128,3 @@ def test_bad_frame_combinations_are_refused(generator):
         generator.condition(torch.zeros(2, generator.encoder.dim), "median")
     with pytest.raises(ValueError, match="no background frame"):
         generator.condition(torch.zeros(0, generator.encoder.dim))
-
-
-def test_guidance_needs_a_denoiser_fitted_with_condition_dropout(generator):
-    assert not generator.denoiser.guidable  # the smoke profile fits without condition dropout
-    with pytest.raises(ValueError, match="condition_dropout"):
-        generator.generate_vectors(torch.zeros(1, generator.encoder.dim), seeds=[0], steps=2, guidance=2.0)

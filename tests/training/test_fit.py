@@ -12,6 +12,7 @@ from model_store.backbone import load_backbone
 from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
 from model_store.generator import SCHEDULER_FILE, Generator
+from model_store.lora import flatten
 from model_store.store import MANIFEST, Store, StoreError
 from model_store.vae import VAE_FILE
 from training.cli import main
@@ -163,40 +164,20 @@ def test_cli_generate_warns_out_of_distribution(smoke_store, smoke_world, tmp_pa
     assert any(beyond) and not all(beyond)  # both cases were exercised
 
 
-def test_condition_dropout_fits_a_guidable_denoiser(smoke_store, smoke_world, tmp_path):
-    root = copy_store(smoke_store, tmp_path)
-    config = get_profile("smoke").fit
-    config.denoiser.condition_dropout = 0.2
-    assert list(fit(read_cct(smoke_world), Store(root), config, progress=False)) == ["denoiser"]
-    generator = Generator.from_store(Store(root))
-    assert generator.denoiser.guidable
-    assert Store(root).manifest["components"]["denoiser"]["config"]["condition_dropout"] == 0.2
-
-    features = generator.embed([Image.open(sorted((smoke_world / "backgrounds").glob("*/001.png"))[0])])
-    plain = generator.generate_vectors(features, [3], steps=5)
-    assert torch.equal(generator.generate_vectors(features, [3], steps=5, guidance=1.0), plain)
-    guided = generator.generate_vectors(features, [3], steps=5, guidance=3.0)
-    assert not torch.allclose(guided, plain)
-    assert torch.equal(generator.generate_vectors(features, [3], steps=5, guidance=3.0), guided)  # deterministic
-
-
-def test_cli_generate_from_several_frames_uses_the_closest(smoke_store, smoke_world, tmp_path):
-    store = Store(smoke_store)
-    generator = Generator.from_store(store)
+@pytest.mark.parametrize("rule", ["mean", "closest"])
+def test_cli_generate_from_several_frames(rule, smoke_store, smoke_world, tmp_path):
+    generator = Generator.from_store(Store(smoke_store))
     location = read_cct(smoke_world).locations("seen")[0]
     paths = sorted((smoke_world / "backgrounds" / location).glob("*.png"))[1::2][:3]
-    distances = generator.distance(generator.embed([Image.open(p) for p in paths]))
-    best = paths[int(distances.argmin())]
+    features = generator.embed([Image.open(p) for p in paths])
+    condition, distance = generator.condition(features, rule)
+    [expected] = generator.generate_vectors(condition, [2], steps=4)
 
-    def generate(out, *frames):
-        args = ["generate", "--store", str(smoke_store), "--seed", "2", "--steps", "4", "--out", str(out)]
-        assert main([*args, "--background", *map(str, frames)]) == 0
-        with safe_open(out / "adapter_model.safetensors", "pt") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
-
-    several, metadata = generate(tmp_path / "several", *paths)
-    alone, _ = generate(tmp_path / "alone", best)
-    # the same adapter as from the closest frame alone (embedded in a batch of 3 vs 1: equal to ~1e-7)
-    assert all(torch.allclose(several[key], alone[key], atol=1e-5) for key in alone)
-    assert metadata["background_frames"] == "3" and metadata["frame_rule"] == "closest"
-    assert float(metadata["condition_distance"]) == pytest.approx(float(distances.min()), abs=1e-5)
+    args = ["generate", "--store", str(smoke_store), "--seed", "2", "--steps", "4", "--out", str(tmp_path)]
+    rule_flag = ["--frame-rule", rule] if rule != "mean" else []  # mean is the default
+    assert main([*args, *rule_flag, "--background", *map(str, paths)]) == 0
+    with safe_open(tmp_path / "adapter_model.safetensors", "pt") as f:
+        state, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    assert torch.allclose(flatten(state, generator.shapes), expected, atol=1e-6)
+    assert metadata["background_frames"] == "3" and metadata["frame_rule"] == rule
+    assert float(metadata["condition_distance"]) == pytest.approx(distance, abs=1e-5)
