@@ -48,9 +48,9 @@ SCHEDULER_FILE = "scheduler/scheduler_config.json"
 # val split (0.927 / 0.926 vs 0.928) at a fifth of the time; 10 keeps a margin.
 DEFAULT_STEPS = 10
 # How several background frames of one location become one condition (`Generator.condition`). Measured on
-# demo (val split, 5 samples, 3 held-out frames vs 1): both rules gain ~1.4 points on seen locations, but on
-# interp locations "closest" loses 1.7 points (it picks the frame most like one source location) while
-# "mean" stays level (0.911 vs 0.916), so "mean" is the default.
+# demo (val split, 5 samples, 3 held-out frames vs 1, README "Task representation"): both rules gain ~1.4
+# points on seen locations; on interp locations "closest" loses 1.7 points (it picks the frame most like one
+# source location), "mean" 0.5-1.1, so "mean" is the default.
 FRAME_RULES = ("mean", "closest")
 DEFAULT_FRAME_RULE = "mean"
 GENERATOR_FILES = (BACKBONE_FILE, CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE, DENOISER_FILE, SCHEDULER_FILE)
