@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     condition_options(p)
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("generate", help="generate a PEFT LoRA adapter folder from one background frame")
+    p = sub.add_parser("generate", help="generate a PEFT LoRA adapter folder from background frame(s)")
     p.add_argument("--store", required=True, help="model store folder with a fitted generator")
     p.add_argument(
         "--background", required=True, nargs="+", help="background (empty) frame(s) of the location, e.g. day and night"

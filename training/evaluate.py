@@ -13,6 +13,9 @@ knn_blend's k and weighting, the noise sigma) is made on the val split by `selec
 `best_on_val` and `choose_option`; they refuse test frames, and tests check that perturbing test
 labels changes no choice. knn_blend and noise hyperparameters are chosen once per role (mean val
 accuracy over the role's locations), a generated sample per location.
+
+Beside the RQs, the report holds few-shot adaptation (`training.fewshot`) and what several background
+frames per request change (`training.representation`).
 """
 
 from __future__ import annotations
