@@ -206,7 +206,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         chosen = ""
     save_adapter_dir(args.out, state, generator.layout, f"wildpdiff:{generator.store_id}", metadata)
     print(
-        f"adapter written to {args.out} (seed {args.seed}, {args.steps} steps, condition distance {distance:.2f}, "
+        f"adapter written to {args.out} ({len(images)} background frame(s), {args.frame_rule} rule; seed {args.seed}, "
+        f"{args.steps} steps, condition distance {distance:.2f}, "
         f"nearest seen location {generator.nearest_location(features)[0]}{chosen})"
     )
     threshold = store.manifest["components"]["condition"].get("ood_threshold")
