@@ -51,7 +51,9 @@ ADAPTER_RESPONSE = {
     "content": {"application/octet-stream": {}, "application/zip": {}},
     "headers": {
         "X-Adapter-Id": header_doc("id for POST /classify (adapter_id)"),
-        "X-Condition-Distance": header_doc("distance to the nearest seen location (1 = typical of training frames)"),
+        "X-Condition-Distance": header_doc(
+            "distance to the nearest seen location (1 = typical of training frames; several frames: the smallest)"
+        ),
         "X-In-Distribution": header_doc("true when the distance is within the OOD threshold (see /info)"),
         "X-Policy-Applied": header_doc("generate | fallback-nearest | fallback-base | fewshot"),
     },
