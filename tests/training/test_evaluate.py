@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -11,7 +12,9 @@ from model_store.backbone import BackboneConfig, build_classifier
 from model_store.lora import LoraLayout, adapter_shapes
 from training import baselines, evaluate
 from training.baselines import LocationIndex, Zoo
+from training.data import read_cct
 from training.evaluate import EvalConfig, Frames, Scorer, Setup, Task
+from training.representation import held_out_frames
 
 
 @pytest.fixture(autouse=True)
@@ -323,3 +326,13 @@ def test_evaluate_writes_the_design_report(smoke_world, smoke_store, tmp_path):
     text = store.path("report/report.md").read_text()
     assert "## RQ1" in text and "| Task | Pretrain | Fine-tuned |" in text and "generation" in text
     assert "## Task representation" in text
+
+
+def test_the_representation_study_conditions_only_on_held_out_frames(smoke_world):
+    dataset = read_cct(smoke_world)
+    location = dataset.locations("interp")[0]
+    paths = sorted(dataset.backgrounds(location))
+    frames = held_out_frames(dataset, location)
+    assert len(frames) == len(paths[1::2])
+    for frame, path in zip(frames, paths[1::2], strict=True):  # the odd positions: never seen by the generator
+        assert np.array_equal(np.asarray(frame), np.asarray(Image.open(path).convert("RGB")))
