@@ -50,7 +50,8 @@ def held_out_frames(dataset: CCTDataset, location: str) -> list[Image.Image]:
 
 def variants(config: RepresentationConfig) -> list[Variant]:
     k = config.frames
-    return [Variant("1 frame", 1, DEFAULT_FRAME_RULE), *(Variant(f"{k} frames, {rule}", k, rule) for rule in FRAME_RULES)]
+    several = [Variant(f"{k} frames, {rule}", k, rule) for rule in FRAME_RULES]
+    return [Variant("1 frame", 1, DEFAULT_FRAME_RULE), *several]
 
 
 def evaluate_representation(
