@@ -25,8 +25,6 @@ from model_store.condition import is_night, split_backgrounds
 from model_store.generator import DEFAULT_FRAME_RULE, FRAME_RULES
 from training.data import CCTDataset
 
-ROLES = ("seen", "interp", "unseen")
-
 
 @dataclass
 class RepresentationConfig:
@@ -69,8 +67,7 @@ def evaluate_representation(
         return scorer.accuracy(vectors, task.val).mean().item(), scorer.accuracy(vectors, task.test).mean().item()
 
     rows = []
-    for role in ROLES:
-        role_tasks = tasks.get(role, [])
+    for role, role_tasks in tasks.items():
         if not role_tasks:
             continue
         frames = {task.location: held_out_frames(dataset, task.location) for task in role_tasks}

@@ -82,7 +82,7 @@ def fit_and_evaluate(
     generator = Generator.from_store(sub)
     # The studies compare generation with fine-tuning and retrieval only: no hypernet to train per point.
     config = replace(config, samples=study.samples, hypernet=replace(config.hypernet, steps=0))
-    sections, _, _ = evaluate_store(dataset, sub, generator, config, roles, progress)
+    sections, *_ = evaluate_store(dataset, sub, generator, config, roles, progress)
     return sections
 
 
