@@ -7,6 +7,8 @@
         # a location unlike any seen one: refuse rather than guess, or adapt to a few labelled frames
         adapter = client.generate_adapter("bg.jpg", policy="reject")
         adapter = client.generate_adapter("bg.jpg", shots=["a.jpg", "b.jpg"], labels=["zebra", "empty"])
+        # a method of your own instead of the store's serving table (adapter.method says what served)
+        adapter = client.generate_adapter("bg.jpg", method="knn_blend")
 
 A refusal raises `WildPDiffError` with the server's status and message. When the server is busy (429) the
 client waits for `Retry-After` and tries again, `retries` times.
@@ -22,6 +24,7 @@ from typing import Literal
 import httpx
 
 FileLike = str | Path | bytes  # a path, or the file's bytes
+Method = Literal["generate", "anchored", "knn_blend", "nearest"]
 
 
 class WildPDiffError(Exception):
@@ -38,6 +41,7 @@ class GeneratedAdapter:
     condition_distance: float
     in_distribution: bool  # condition distance <= the server's OOD threshold
     policy_applied: str  # generate | fallback-nearest | fallback-base | fewshot
+    method: str  # what served: generate | anchored | knn_blend | nearest | base | fewshot
     headers: httpx.Headers
 
 
@@ -91,15 +95,19 @@ class WildPDiffClient:
         shots: list[FileLike] | None = None,
         labels: list[str] | None = None,
         refine_steps: int = 0,
+        method: Method | None = None,
     ) -> GeneratedAdapter:
         """`background`: one empty frame of the location, or several (day and night; the server combines them).
-        `policy` overrides the server's out-of-distribution policy; `shots` (labelled frames, one class name
-        per file in `labels`) make it choose among generated candidates on them, then refine `refine_steps`."""
+        `policy` overrides the server's out-of-distribution policy and `method` the store's serving table;
+        `shots` (labelled frames, one class name per file in `labels`) make it choose among generated
+        candidates on them, then refine `refine_steps`."""
         data: dict[str, str | list[str]] = {"seed": str(seed), "format": format, "refine_steps": str(refine_steps)}
         if steps is not None:
             data["steps"] = str(steps)
         if policy is not None:
             data["policy"] = policy
+        if method is not None:
+            data["method"] = method
         if labels:
             data["labels"] = list(labels)
         files = _frames(background)
@@ -111,6 +119,7 @@ class WildPDiffClient:
             condition_distance=float(response.headers["X-Condition-Distance"]),
             in_distribution=response.headers["X-In-Distribution"] == "true",
             policy_applied=response.headers.get("X-Policy-Applied", ""),
+            method=response.headers.get("X-Method", ""),
             headers=response.headers,
         )
 
@@ -123,15 +132,17 @@ class WildPDiffClient:
         background: FileLike | list[FileLike] | None = None,
         seed: int | None = None,
         steps: int | None = None,
+        method: Method | None = None,
     ) -> dict:
         """`{adapter_id, predictions: [{file, label, score, top_k}]}`; give at most one of adapter_id, adapter
-        (a safetensors file) and background (generate first); none classifies with the pretrained backbone."""
+        (a safetensors file) and background (generate first, with `seed`, `steps` and `method` as in
+        `generate_adapter`); none classifies with the pretrained backbone."""
         files = [_file("images", image, f"image{i}") for i, image in enumerate(images)]
         if adapter is not None:
             files.append(_file("adapter", adapter, "adapter.safetensors"))
         if background is not None:
             files += _frames(background)
-        fields = {"adapter_id": adapter_id, "seed": seed, "steps": steps}
+        fields = {"adapter_id": adapter_id, "seed": seed, "steps": steps, "method": method}
         data = {key: str(value) for key, value in fields.items() if value is not None}
         return self._request("POST", "/classify", files=files, data=data).json()
 

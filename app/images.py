@@ -1,6 +1,6 @@
 """Uploaded bytes -> an RGB Pillow image, or an `ApiError` that says why not.
 
-Defences (research/reliability.md section 3): only common photo decoders are enabled (rare decoders keep
+Defences: only common photo decoders are enabled (rare decoders keep
 producing CVEs); the pixel count is checked from the header before any pixel is decoded, because a small
 file can declare a huge canvas; truncated files are errors, not silently padded.
 """
@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from app.errors import ApiError
+from model_store.inference import to_rgb
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF")
 SIGNATURES = {b"\xff\xd8\xff": "JPEG", b"\x89PNG\r\n\x1a\n": "PNG", b"GIF87a": "GIF", b"GIF89a": "GIF"}
@@ -45,16 +45,6 @@ def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         raise ApiError(413, f"{name}: {width}x{height} pixels is more than the limit of {max_pixels}")
     try:
         image.load()  # decodes the first frame only
-        return _to_rgb(ImageOps.exif_transpose(image))
+        return to_rgb(image)
     except Exception as e:
         raise ApiError(422, f"{name}: cannot decode {image.format} image ({e})") from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
-        # 16-bit greyscale: Pillow's convert would clip at 255 (a white picture); scale instead.
-        values = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
-        image = Image.fromarray(values.astype(np.uint8), "L")
-    elif image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # the route Pillow recommends for palette transparency
-    return image.convert("RGB")

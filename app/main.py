@@ -36,7 +36,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="LoRA adapters for a camera-trap classifier, generated from one background frame.",
         version=code_version(),
         lifespan=lifespan,
-        form_limits={"max_files": settings.max_images + 2, "max_fields": 16},
+        # files: images or shots, backgrounds, an adapter; fields: one label per shot beside the scalar options
+        form_limits={
+            "max_files": settings.max_images + settings.max_backgrounds + 1,
+            "max_fields": settings.max_images + 16,
+        },
     )
     app.state.runtime = runtime
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)

@@ -1,4 +1,4 @@
-"""HTTP routes (DESIGN.md section 7). Thin: read the form, call the runtime, shape the answer."""
+"""HTTP routes (docs/design.md, the HTTP API). Thin: read the form, call the runtime, shape the answer."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
 from app.runtime import Adapter, Generation, Runtime, Upload
+from model_store.inference import METHODS
 
 router = APIRouter()
 
@@ -27,6 +28,14 @@ Policy = Annotated[
     Literal["generate", "fallback", "reject"] | None,
     Form(description="out of distribution: generate anyway, serve a fallback adapter, or refuse (422)"),
 ]
+Method = Annotated[
+    Literal[METHODS] | None,
+    Form(
+        description="what serves: generate (DDIM from noise), anchored (DDIM from the knn_blend adapter), "
+        "knn_blend (blend of the nearest seen locations' mean adapters) or nearest; default: the store's "
+        "serving table for the background's distance region (see /info)"
+    ),
+]
 
 
 async def to_upload(file: UploadFile, fallback: str) -> Upload:
@@ -39,6 +48,7 @@ def adapter_headers(adapter: Adapter) -> dict[str, str]:
         "X-Condition-Distance": adapter.metadata["condition_distance"],
         "X-In-Distribution": str(adapter.in_distribution).lower(),
         "X-Policy-Applied": adapter.policy_applied or "",
+        "X-Method": adapter.method or "",
     }
 
 
@@ -56,6 +66,9 @@ ADAPTER_RESPONSE = {
         ),
         "X-In-Distribution": header_doc("true when the distance is within the OOD threshold (see /info)"),
         "X-Policy-Applied": header_doc("generate | fallback-nearest | fallback-base | fewshot"),
+        "X-Method": header_doc(
+            "what served: generate | anchored | knn_blend | nearest | base (fallback without means) | fewshot"
+        ),
     },
 }
 
@@ -71,6 +84,7 @@ async def create_adapter(
     steps: Steps = None,
     format: Annotated[Literal["safetensors", "peft"], Form()] = "safetensors",
     policy: Policy = None,
+    method: Method = None,
     shots: Annotated[list[UploadFile] | None, File(description="labelled frames of the location (few-shot)")] = None,
     labels: Annotated[list[str] | None, Form(description="one class name per shot file")] = None,
     refine_steps: Annotated[int, Form(ge=0, description="gradient steps on the shots after selection")] = 0,
@@ -83,6 +97,7 @@ async def create_adapter(
         seed=seed,
         steps=steps,
         policy=policy,
+        method=method,
         shots=tuple([await to_upload(shot, f"shots[{i}]") for i, shot in enumerate(shots or [])]),
         labels=tuple(labels or []),
         refine_steps=refine_steps,
@@ -99,6 +114,7 @@ async def create_adapter(
 @router.post("/classify", response_model=schemas.ClassifyOut, responses=ERRORS)
 async def classify(
     runtime: RuntimeDep,
+    response: Response,
     images: Annotated[list[UploadFile], File(description="one or more frames to classify")],
     adapter_id: Annotated[str | None, Form(max_length=64, description="an id returned by /adapters")] = None,
     adapter: Annotated[UploadFile | None, File(description="a safetensors adapter")] = None,
@@ -108,15 +124,19 @@ async def classify(
     seed: Seed = 0,
     steps: Steps = None,
     policy: Policy = None,
+    method: Method = None,
 ) -> schemas.ClassifyOut:
-    """Classify frames with one adapter (by id, uploaded, or generated from a background) or none."""
+    """Classify frames with one adapter (by id, uploaded, or generated from a background) or none; `X-Method`
+    says what served a generated one."""
     chosen, predictions = await runtime.classify(
         [await to_upload(image, f"images[{i}]") for i, image in enumerate(images)],
         adapter_id=adapter_id,
         adapter=adapter and await to_upload(adapter, "adapter"),
         backgrounds=[await to_upload(frame, f"background[{i}]") for i, frame in enumerate(background or [])],
-        generation=Generation(seed=seed, steps=steps, policy=policy),
+        generation=Generation(seed=seed, steps=steps, policy=policy, method=method),
     )
+    if background and chosen is not None:
+        response.headers["X-Method"] = chosen.method or ""
     return schemas.ClassifyOut(adapter_id=chosen and chosen.id, predictions=predictions)
 
 

@@ -5,19 +5,24 @@ Concurrency. All torch work runs on ONE inference thread, never on the event loo
 shared classifier for the duration of the call: two threads would see each other's adapters. Torch's own
 intra-op threads use the cores instead. In front of that thread, at most `max_pending` requests are
 admitted (running + waiting); the next one is refused at once with 429 + Retry-After rather than queued
-without bound (research/reliability.md section 5).
+without bound, as trusted model servers do.
+
+What a generated adapter is comes from `model_store.inference.infer`, the path `wildpdiff generate` takes too,
+so the CLI and the service answer the same frame and options with the same tensors and policy.
 
 Adapter ids are derived from what determines the adapter: store id, the uploaded file's sha256, seed,
-steps, OOD policy and any few-shot frames + labels (generated), or the adapter's tensors (uploaded). So the
-same request gives the same id and the same bytes, and a repeated request is answered from the LRU cache
-without generating again.
+steps, OOD policy, the method as requested (none: the store's serving table chooses) and any few-shot frames +
+labels (generated), or the adapter's tensors (uploaded). So the same request gives the same id and the same
+bytes, and a repeated request is answered from the LRU cache without generating again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import io
+import json
 import logging
 import tempfile
 import zipfile
@@ -38,18 +43,20 @@ from app.images import decode_image
 from app.metrics import Metrics
 from app.schemas import LabelScore, Prediction
 from app.settings import Settings
-from model_store.adapt import FewShotConfig, adapt, labels_to_indices
+from model_store.adapt import labels_to_indices
 from model_store.backbone import normalize, to_uint8
 from model_store.generator import Generator
-from model_store.lora import (
-    adapted_logits,
-    adapter_bytes,
-    load_adapter_bytes,
-    save_adapter_dir,
-    unflatten,
-    validate_adapter,
+from model_store.inference import (
+    METHODS,
+    RETRIEVAL_METHODS,
+    InferenceOptions,
+    OutOfDistribution,
+    check_method,
+    infer,
+    load_serving_table,
+    stored_ood_threshold,
 )
-from model_store.ood import load_fallback
+from model_store.lora import adapted_logits, adapter_bytes, load_adapter_bytes, save_adapter_dir, validate_adapter
 from model_store.store import Store, code_version
 
 log = logging.getLogger("app")
@@ -69,6 +76,7 @@ class Generation:
     seed: int = 0
     steps: int | None = None  # None: the server's default
     policy: str | None = None  # out of distribution: generate | fallback | reject (None: the server's)
+    method: str | None = None  # generate | anchored | knn_blend | nearest (None: the store's serving table)
     shots: tuple[Upload, ...] = ()  # labelled frames of the location, for few-shot selection (model_store/adapt.py)
     labels: tuple[str, ...] = ()  # one class name per shot
     refine_steps: int = 0
@@ -82,6 +90,7 @@ class Adapter:
     distance: float | None  # condition distance to the nearest seen location (generated adapters only)
     in_distribution: bool | None  # distance <= the OOD threshold (generated adapters only)
     policy_applied: str | None = None  # generate | fallback-nearest | fallback-base | fewshot (generated only)
+    method: str | None = None  # what served (`model_store.inference.Inference.method`; generated only)
 
 
 class AdapterCache:
@@ -119,8 +128,11 @@ class Runtime:
         self.device = next(generator.classifier.parameters()).device
         self.cache = AdapterCache(settings.adapter_cache_size, metrics)
         # A threshold calibrated into the store wins; the setting is the fallback for stores without one.
-        self.ood_threshold = store.manifest["components"]["condition"].get("ood_threshold", settings.ood_threshold)
-        self.fallback = load_fallback(store)  # (L, P) per-seen-location mean adapters, or None
+        threshold = stored_ood_threshold(store)
+        self.ood_threshold = settings.ood_threshold if threshold is None else threshold
+        self.serving = load_serving_table(store)  # which method serves which distance region
+        # In every generated id: a re-evaluated store may serve another method for the same request.
+        self.serving_digest = hashlib.sha256(json.dumps(self.serving.to_dict(), sort_keys=True).encode()).hexdigest()
         self.max_steps = generator.scheduler_config["num_train_timesteps"]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-inference")
         self._pending = 0
@@ -182,16 +194,18 @@ class Runtime:
                 labels_to_indices(list(request.labels), self.generator.classes, len(request.shots))
             except ValueError as e:
                 raise ApiError(422, f"shots: {e}") from None
-        request = Generation(
-            request.seed, steps, request.policy or self.settings.ood_policy, request.shots, request.labels,
-            request.refine_steps,
-        )  # fmt: skip
+        try:
+            check_method(self.generator, request.method)
+        except ValueError as e:
+            raise ApiError(422, f"method: {e}") from None
+        request = dataclasses.replace(request, steps=steps, policy=request.policy or self.settings.ood_policy)
         adapter_id = self._adapter_id(
             "generated",
             *(hashlib.sha256(background.data).hexdigest() for background in backgrounds),
             str(request.seed),
             str(steps),
             request.policy,
+            request.method or f"auto:{self.serving_digest}",
             *(hashlib.sha256(shot.data).hexdigest() for shot in request.shots),
             *request.labels,
             str(request.refine_steps),
@@ -206,46 +220,26 @@ class Runtime:
 
     def _generate(self, adapter_id: str, backgrounds: list[Upload], request: Generation) -> Adapter:
         images = [decode_image(b.data, b.name, self.settings.max_image_pixels) for b in backgrounds]
-        g = self.generator
-        with torch.inference_mode():
-            features, distance = g.condition(g.embed(images), self.settings.frame_rule)
-        [nearest_location] = g.nearest_location(features)
-        in_distribution = distance <= self.ood_threshold
-        metadata = {
-            "adapter_id": adapter_id,
-            **g.metadata(request.seed, request.steps, distance),
-            "nearest_location": nearest_location,
-            "background_frames": str(len(images)),
-            "frame_rule": self.settings.frame_rule,
-        }
-        if not in_distribution and request.policy == "reject":
-            raise ApiError(
-                422,
-                f"background is out of distribution: distance {distance:.3f} > threshold {self.ood_threshold:.3f} "
-                f"(nearest seen location {nearest_location!r}); send policy=generate or fallback to get an adapter",
-                extra={"distance": distance, "ood_threshold": self.ood_threshold},
-            )
-        if request.shots:
-            # The shots choose among generated, nearest-location and base adapters: they decide, not the policy.
-            pixels = self._pixels(list(request.shots))
-            labels = labels_to_indices(list(request.labels), g.classes, len(request.shots))
-            config = FewShotConfig(self.settings.fewshot_candidates, request.refine_steps)
-            result = adapt(
-                g, features.clone(), pixels, labels, seed=request.seed, steps=request.steps,
-                fallback=self.fallback, config=config,
-            )  # fmt: skip
-            vector, applied = result.vector, "fewshot"
-            metadata.update(result.metadata(), refine_steps=str(request.refine_steps))
-        elif in_distribution or request.policy == "generate":
-            with torch.inference_mode():
-                vector, applied = g.generate_vectors(features, [request.seed], request.steps)[0], "generate"
-        elif self.fallback is not None:
-            vector, applied = self.fallback[g.locations.index(nearest_location)], "fallback-nearest"
-        else:
-            vector, applied = torch.zeros(sum(torch.Size(s).numel() for s in g.shapes.values())), "fallback-base"
-        metadata["policy_applied"] = applied
-        state = {key: tensor.contiguous() for key, tensor in unflatten(vector, g.shapes).items()}
-        return Adapter(adapter_id, state, metadata, distance, in_distribution, applied)
+        options = InferenceOptions(
+            seed=request.seed,
+            steps=request.steps,
+            frame_rule=self.settings.frame_rule,
+            policy=request.policy,
+            method=request.method,
+            shots=self._pixels(list(request.shots)) if request.shots else None,
+            labels=request.labels,
+            refine_steps=request.refine_steps,
+            candidates=self.settings.fewshot_candidates,
+        )
+        try:
+            result = infer(self.generator, images, options, table=self.serving, ood_threshold=self.ood_threshold)
+        except OutOfDistribution as e:
+            raise ApiError(422, str(e), extra={"distance": e.distance, "ood_threshold": e.threshold}) from None
+        metadata = {"adapter_id": adapter_id, **result.metadata}
+        return Adapter(
+            adapter_id, result.state, metadata, result.distance, result.in_distribution, result.policy_applied,
+            result.method,
+        )  # fmt: skip
 
     async def adapter_file(self, adapter: Adapter, format: str) -> bytes:
         """The adapter as safetensors bytes, or as a PEFT folder zipped (format="peft"); off the event loop,
@@ -352,6 +346,8 @@ class Runtime:
             "device": str(self.device),
             "ood_threshold": self.ood_threshold,
             "ood_policy": self.settings.ood_policy,
-            "fallback": "nearest" if self.fallback is not None else "base",
+            "fallback": "nearest" if g.location_means is not None else "base",
+            "methods": [m for m in METHODS if g.location_means is not None or m not in RETRIEVAL_METHODS],
+            "serving": self.serving.to_dict(),
             "versions": {"wild_p_diff": code_version(), "torch": torch.__version__},
         }

@@ -67,6 +67,18 @@ class InfoOut(BaseModel):
                     "ood_threshold": 2.0,
                     "ood_policy": "fallback",
                     "fallback": "nearest",
+                    "methods": ["generate", "anchored", "knn_blend", "nearest"],
+                    "serving": {
+                        "version": 1,
+                        "regions": [
+                            {"region": "seen", "max_distance": 1.4, "method": "generate"},
+                            {"region": "between", "max_distance": 2.3, "method": "anchored"},
+                            {"region": "ood", "max_distance": None, "method": "knn_blend"},
+                        ],
+                        "knn_blend": {"k": 3, "weighting": "inverse_distance"},
+                        "anchored": {"strength": 0.5},
+                        "chosen_on": "val splits of the evaluated seen, interp and unseen locations",
+                    },
                     "versions": {"wild_p_diff": "0.1.0", "torch": "2.14.1"},
                 }
             ]
@@ -83,4 +95,9 @@ class InfoOut(BaseModel):
     ood_threshold: float = Field(description="condition distance above which a background is out of distribution")
     ood_policy: str = Field(description="default policy out of distribution: generate | fallback | reject")
     fallback: str = Field(description="what fallback serves: nearest (seen location's mean adapter) or base")
+    methods: list[str] = Field(description="the methods this store can serve (a request's `method`)")
+    serving: dict = Field(
+        description="the serving table: per region of condition distance (the first whose max_distance is null "
+        "or >= the distance), the method served when a request names none; knn_blend and anchored settings"
+    )
     versions: dict[str, str]

@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
+from model_store.inference import DEFAULT_OOD_THRESHOLD, DEFAULT_POLICY, POLICIES
 
 MiB = 1024 * 1024
 
@@ -46,13 +47,13 @@ class Settings(BaseSettings):
     top_k: int = Field(3, ge=1, description="labels listed per prediction")
     # X-In-Distribution: condition distance <= threshold. A threshold calibrated into the store (manifest
     # components.condition.ood_threshold) wins; this provisional one is used otherwise. Distances are in units
-    # of the typical spacing of the training frames; on the smoke store fresh frames of seen locations measure
-    # 0.1-2.2 (median 0.5), unseen locations 1.8-3.7 (median 3.3).
-    ood_threshold: float = Field(2.0, gt=0)
+    # of the typical spacing of the training frames (model_store.inference.DEFAULT_OOD_THRESHOLD, as the CLI).
+    ood_threshold: float = Field(DEFAULT_OOD_THRESHOLD, gt=0)
     # What to serve for a background beyond the threshold (a request's `policy` field overrides it):
     # generate anyway; fall back to the nearest seen location's mean zoo adapter (or, for a store without
-    # them, the all-zero adapter = the pretrained backbone); or refuse with 422 (model_store/ood.py).
-    ood_policy: Literal["generate", "fallback", "reject"] = "fallback"
+    # them, the all-zero adapter = the pretrained backbone); or refuse with 422 (model_store/inference.py; the
+    # CLI's --policy has the same default).
+    ood_policy: Literal[POLICIES] = DEFAULT_POLICY
     # Few-shot requests (`shots` + `labels`): generated candidates scored on the shots, and the refinement cap.
     fewshot_candidates: int = Field(16, ge=1, le=256)
     max_refine_steps: int = Field(100, ge=0)

@@ -37,12 +37,12 @@ from bench.measure import clock, load_average
 from model_store.backbone import normalize, to_uint8
 from model_store.condition import ConditionEncoder
 from model_store.generator import Generator
-from model_store.lora import adapted_logits, unflatten
+from model_store.lora import adapted_logits, adapter_accuracy, unflatten
 from model_store.store import Store
 from model_store.vae import ParameterVAE
-from training.data import CCTDataset, read_cct
-from training.evaluate import fresh_frame
-from training.zoo import ZooConfig, adapter_accuracy, finetune, load_zoo_results
+from training.data import CCTDataset, DatasetSpec, read_dataset
+from training.evaluation.targets import fresh_frame
+from training.zoo import ZooConfig, finetune, load_zoo_results
 
 CHECK_EVERY = 5  # fine-tuning steps between val checks: the target is met at most 4 steps late
 DEFAULT_STEPS = Settings.model_fields["default_steps"].default  # what the service uses when a request names none
@@ -59,6 +59,11 @@ class Location:
     target_val_acc: float  # the zoo's mean checkpoint val accuracy here
     zoo_test_acc: float  # the zoo's mean checkpoint test accuracy here
     zoo_run_seconds: float  # the zoo's mean recorded seconds per run (fixed steps, val+test scoring included)
+
+
+def accuracy(g: Generator, state: dict[str, torch.Tensor], frames: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Test or val accuracy of an adapter: (uint8 pixels, labels) of one location."""
+    return adapter_accuracy(g.classifier, state, g.layout, normalize(frames[0], g.backbone_config), frames[1])
 
 
 def pick(names: list[str], count: int | None) -> list[str]:
@@ -110,7 +115,7 @@ def finetune_to_target(
     def check(step: int, state: dict[str, torch.Tensor]) -> None:
         nonlocal check_seconds, check_cpu
         wall, cpu = time.perf_counter(), time.process_time()
-        acc = adapter_accuracy(g.classifier, state, g.layout, g.backbone_config, *location.val)
+        acc = accuracy(g, state, location.val)
         check_seconds += time.perf_counter() - wall
         check_cpu += time.process_time() - cpu
         checks.append((step, acc))
@@ -133,7 +138,7 @@ def finetune_to_target(
         "reached": reached,
         "target_val_acc": location.target_val_acc,
         "val_acc": checks[-1][1],
-        "test_acc": adapter_accuracy(g.classifier, state, g.layout, g.backbone_config, *location.test),
+        "test_acc": accuracy(g, state, location.test),
         "load_before": load_before,
         "load_after": load_average(),
     }
@@ -147,8 +152,8 @@ def generated_accuracy(g: Generator, location: Location, steps: int, samples: in
     features = g.embed([location.frame]).repeat(samples, 1)
     vectors = g.generate_vectors(features, seeds=list(range(samples)), steps=steps)
     states = [unflatten(v, g.shapes) for v in vectors]
-    val = [adapter_accuracy(g.classifier, s, g.layout, g.backbone_config, *location.val) for s in states]
-    test = [adapter_accuracy(g.classifier, s, g.layout, g.backbone_config, *location.test) for s in states]
+    val = [accuracy(g, s, location.val) for s in states]
+    test = [accuracy(g, s, location.test) for s in states]
     return {"val_acc": statistics.fmean(val), "test_acc": statistics.fmean(test), "test_min": min(test)}
 
 
@@ -260,8 +265,8 @@ def decode_ms(files: list[bytes], size: int, repeats: int = 20) -> float:
 
 def run(data: str, store_path: str, full: bool, out: Path, server_threads: int) -> dict:
     torch.set_num_threads(1)
-    dataset = read_cct(data)
     store = Store(store_path)
+    dataset = read_dataset(DatasetSpec.of_store(data, store))
     g = Generator.from_store(store)
     zoo = ZooConfig(**store.manifest["components"]["zoo"])
     counts = {"seen": None, "interp": None, "unseen": None} if full else {"seen": 4, "interp": 1, "unseen": 1}

@@ -26,6 +26,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from model_store.backbone import normalize
 from model_store.condition import (
     ConditionConfig,
     ConditionEncoder,
@@ -33,12 +34,12 @@ from model_store.condition import (
     location_identification,
 )
 from model_store.generator import DEFAULT_STEPS, Generator
-from model_store.lora import unflatten
+from model_store.lora import adapter_accuracy, unflatten
 from model_store.store import Store
-from training.data import CCTDataset, read_cct
-from training.evaluate import fresh_frame
-from training.fit import embed_backgrounds, load_seen_zoo
-from training.zoo import adapter_accuracy, load_zoo_results
+from training.data import CCTDataset, DatasetSpec, read_dataset
+from training.evaluation.targets import fresh_frame
+from training.fit import embed_backgrounds
+from training.zoo import load_seen_zoo, load_zoo_results
 
 
 def condition_table(dataset: CCTDataset, generator: Generator) -> list[dict]:
@@ -67,14 +68,18 @@ def score(generator: Generator, vectors: torch.Tensor, test: tuple[torch.Tensor,
     """(N, P) flat adapters -> test accuracy of each."""
     return [
         adapter_accuracy(
-            generator.classifier, unflatten(v, generator.shapes), generator.layout, generator.backbone_config, *test
+            generator.classifier,
+            unflatten(v, generator.shapes),
+            generator.layout,
+            normalize(test[0], generator.backbone_config),
+            test[1],
         )
         for v in vectors
     ]
 
 
 def vae_reconstruction(dataset: CCTDataset, store: Store, generator: Generator) -> dict:
-    zoo = load_seen_zoo(dataset, store, generator.classifier)
+    zoo, _ = load_seen_zoo(store, generator.shapes, list(generator.locations))
     with torch.no_grad():
         z = generator.vae.encode(generator.normalization.normalize(zoo.vectors))
         reconstructed = generator.normalization.denormalize(generator.vae.decode(z))
@@ -152,8 +157,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    dataset = read_cct(args.data)
     store = Store.open(args.store)
+    dataset = read_dataset(DatasetSpec.of_store(args.data, store))
     generator = Generator.from_store(store)
     components = store.manifest["components"]
     metrics = {

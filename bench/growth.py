@@ -32,9 +32,9 @@ from model_store.condition import CONDITIONS_FILE, ConditionConfig, ConditionEnc
 from model_store.generator import Generator
 from model_store.lora import LoraLayout, adapter_shapes
 from model_store.store import Store
-from training.fit import FitConfig, Zoo, fit_denoiser, fit_vae
+from training.fit import FitConfig, fit_denoiser, fit_vae
 from training.profiles import get_profile
-from training.zoo import load_zoo_results
+from training.zoo import Zoo, load_zoo_results
 
 CHECKPOINTS_PER_LOCATION = 20  # the demo zoo: 2 runs x 10 checkpoints
 FRAMES_PER_LOCATION = 5  # stored training-half background frames per location

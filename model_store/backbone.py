@@ -118,7 +118,7 @@ def open_clip_backbone(
     `model` is an open_clip model name (ViT-B-32, ViT-B-16, ...) or the path of an open_clip model config
     .json (registered under its file name, e.g. for a custom or BioCLIP-like architecture). `mean`/`std`
     default to OpenAI CLIP's, which open_clip also assumes for a local file; SigLIP, MobileCLIP and other
-    families need their own (see research/ecosystem.md, open_clip).
+    families need their own (open_clip's model configs).
     """
     if weights is None or not Path(weights).is_file():
         raise FileNotFoundError(f"open_clip weights file not found: {weights}")

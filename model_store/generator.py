@@ -1,7 +1,11 @@
-"""`Generator`: background frame(s) -> LoRA adapter(s). The one inference API of the CLI, evaluation and service.
+"""`Generator`: background frame(s) -> LoRA adapter(s), the models under `model_store.inference` (which turns a
+request into an answer for the CLI and the service) and the evaluation.
 
     generator = Generator.from_store(Store("model_store/demo"))
     [adapter] = generator.generate([Image.open("background.png")], seeds=0, steps=10)  # PEFT-key state dict
+
+`from_store` does all the store IO and hands the parts (classifier, condition encoder, stored conditions,
+VAE, denoiser, scheduler config, ...) to the constructor, so a test or benchmark can compose one without a store.
 
 Per image: condition features (frozen tower) -> z-score with the stored statistics -> DDIM from seeded noise
 in the VAE's latent space (B, C, L) -> VAE decoder -> un-z-score -> unflatten into PEFT keys.
@@ -16,7 +20,12 @@ batch size), so byte-exact paths (CLI, service) generate one adapter per call.
 nearest stored embedding of a seen location's (training-half) background frame, divided by `distance_scale`,
 the median of the same distance among the stored frames themselves (each to its nearest other frame). So ~1
 means "as close to the training frames as they are to each other"; much larger means a scene unlike any seen
-location, where a generated adapter can be far worse than none.
+location, where a generated adapter can be far worse than none. `location_distances` gives the same distance
+per seen location, for retrieval over `location_means` (`model_store.retrieval`).
+
+Anchored sampling (`anchor`, `strength`) is SDEdit in the VAE's latent space: encode a given adapter (a blend of
+the nearest locations' means), noise it to timestep ~strength * T with the seed's noise and run the remaining
+DDIM steps, so the sample stays near a sensible adapter where the condition alone is a weak guide.
 """
 
 from __future__ import annotations
@@ -24,22 +33,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler
 from PIL import Image
+from torch import nn
 
 from model_store.backbone import BACKBONE_FILE, BackboneConfig, Classifier, load_backbone
-from model_store.condition import (
-    CONDITION_TOWER_FILE,
-    CONDITIONS_FILE,
-    ConditionConfig,
-    ConditionEncoder,
-    nearest,
-    standardize,
-)
+from model_store.condition import CONDITION_TOWER_FILE, CONDITIONS_FILE, ConditionConfig, ConditionEncoder, standardize
 from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
 from model_store.lora import LoraLayout, adapter_shapes, unflatten
+from model_store.ood import load_fallback
 from model_store.store import Store, StoreError
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
 
@@ -69,6 +74,29 @@ def generator_id(store: Store) -> str:
     return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
+class StoredConditions:
+    """The seen locations' stored condition features (`CONDITIONS_FILE`): the references of every distance."""
+
+    locations: list[str]  # seen locations, in the order of the zoo and of `location_means`
+    features: torch.Tensor  # (N, D) raw features of the training-half background frames
+    location: torch.Tensor  # (N,) index into `locations`
+    mean: torch.Tensor  # (D,) z-scoring statistics of the features
+    std: torch.Tensor  # (D,)
+    distance_scale: float  # median nearest-other-frame distance among the stored frames (module docstring)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], locations: Sequence[str]) -> StoredConditions:
+        return cls(
+            list(locations),
+            tensors["features"],
+            tensors["location"],
+            tensors["mean"],
+            tensors["std"],
+            float(tensors["distance_scale"]),
+        )
+
+
 class Generator:
     classifier: Classifier
     backbone_config: BackboneConfig
@@ -78,8 +106,60 @@ class Generator:
     store_id: str
     base_model_hash: str
 
-    def __init__(self, store: Store, device: str | torch.device = "cpu"):
-        """Prefer `Generator.from_store`. Every file is read through the store, so hashes are checked."""
+    def __init__(
+        self,
+        classifier: Classifier,
+        backbone_config: BackboneConfig,
+        layout: LoraLayout,
+        encoder: ConditionEncoder,
+        conditions: StoredConditions,
+        normalization: Normalization,
+        vae: ParameterVAE,
+        denoiser: nn.Module,
+        scheduler_config: dict,
+        *,
+        classes: Sequence[str],
+        location_means: torch.Tensor | None = None,
+        store_id: str = "",
+        base_model_hash: str = "",
+    ):
+        """A generator from its parts, all on one device (the classifier's); `from_store` reads them from a store.
+
+        `location_means`: (L, P) per-seen-location mean adapters for the retrieval methods, or None."""
+        self.classifier = classifier
+        self.device = next(classifier.parameters()).device
+        self.backbone_config = backbone_config
+        self.layout = layout
+        self.shapes = adapter_shapes(classifier, layout)
+        self.classes = list(classes)
+        self.store_id = store_id
+        self.base_model_hash = base_model_hash
+        self.encoder = encoder
+
+        self.locations = list(conditions.locations)
+        self.condition_mean = conditions.mean.to(self.device)  # (D,)
+        self.condition_std = conditions.std.to(self.device)  # (D,)
+        self.references = conditions.features.to(self.device)  # (N, D) stored frames, raw features
+        self.reference_locations = conditions.location.cpu()  # (N,) index into self.locations
+        self.distance_scale = conditions.distance_scale
+        self._standard_references = standardize(self.references, self.condition_mean, self.condition_std)
+
+        self.normalization = normalization
+        self.vae = vae
+        self.denoiser = denoiser
+        self.scheduler_config = dict(scheduler_config)
+        num_params = sum(torch.Size(shape).numel() for shape in self.shapes.values())
+        if vae.num_params != num_params:
+            raise ValueError(f"the VAE codes {vae.num_params} parameters, the LoRA layout has {num_params}")
+        if location_means is not None and tuple(location_means.shape) != (len(self.locations), num_params):
+            raise ValueError(
+                f"location means of shape {tuple(location_means.shape)}, expected ({len(self.locations)}, {num_params})"
+            )
+        self.location_means = location_means  # (L, P) on CPU, or None
+
+    @classmethod
+    def from_store(cls, store: Store, device: str | torch.device = "cpu") -> Generator:
+        """Every part read through the store (hashes are checked) and moved to `device`."""
         missing = [relpath for relpath in generator_files(store) if not store.has(relpath)]
         if missing:
             raise StoreError(
@@ -87,45 +167,42 @@ class Generator:
                 f"(run `wildpdiff fit` on this store first)"
             )
         components = store.manifest["components"]
-        self.device = torch.device(device)
-        self.classes = list(store.manifest["classes"])
-        self.store_id = generator_id(store)
-        self.base_model_hash = store.manifest["files"][BACKBONE_FILE]["sha256"]
-
-        classifier, self.backbone_config = load_backbone(store)
-        self.classifier = classifier.to(self.device)
-        self.layout = LoraLayout.from_dict(components["lora"])
-        self.shapes = adapter_shapes(self.classifier, self.layout)
+        device = torch.device(device)
+        classifier, backbone_config = load_backbone(store)
+        classifier.to(device)
+        layout = LoraLayout.from_dict(components["lora"])
 
         condition_config = ConditionConfig.from_dict(components["condition"]["config"])
         tower_state = store.load_tensors(CONDITION_TOWER_FILE) if condition_config.source == "open_clip" else None
-        self.encoder = ConditionEncoder.build(self.classifier, self.backbone_config, condition_config, tower_state)
-        self.encoder.to(self.device)
-        conditions = store.load_tensors(CONDITIONS_FILE)
-        self.locations: list[str] = list(components["condition"]["locations"])
-        self.condition_mean = conditions["mean"].to(self.device)  # (D,)
-        self.condition_std = conditions["std"].to(self.device)  # (D,)
-        self.references = conditions["features"].to(self.device)  # (N, D) stored frames, raw features
-        self.reference_locations = conditions["location"]  # (N,) index into self.locations
-        self.distance_scale = float(conditions["distance_scale"])
-        self._standard_references = standardize(self.references, self.condition_mean, self.condition_std)
-
-        self.normalization = Normalization.from_tensors(store.load_tensors(NORMALIZATION_FILE))
-        num_params = sum(torch.Size(shape).numel() for shape in self.shapes.values())
-        self.vae = ParameterVAE(num_params, VAEConfig.from_dict(components["vae"]["config"]))
-        self.vae.load_state_dict(store.load_tensors(VAE_FILE))
-        self.vae.requires_grad_(False).eval().to(self.device)
-
-        self.denoiser = build_denoiser(
-            DenoiserConfig.from_dict(components["denoiser"]["config"]), self.vae.latent_shape, self.encoder.dim
+        encoder = ConditionEncoder.build(classifier, backbone_config, condition_config, tower_state).to(device)
+        conditions = StoredConditions.from_tensors(
+            store.load_tensors(CONDITIONS_FILE), components["condition"]["locations"]
         )
-        self.denoiser.load_state_dict(store.load_tensors(DENOISER_FILE))
-        self.denoiser.requires_grad_(False).eval().to(self.device)
-        self.scheduler_config = dict(store.load_json(SCHEDULER_FILE))
 
-    @classmethod
-    def from_store(cls, store: Store, device: str | torch.device = "cpu") -> Generator:
-        return cls(store, device)
+        num_params = sum(torch.Size(shape).numel() for shape in adapter_shapes(classifier, layout).values())
+        vae = ParameterVAE(num_params, VAEConfig.from_dict(components["vae"]["config"]))
+        vae.load_state_dict(store.load_tensors(VAE_FILE))
+        vae.requires_grad_(False).eval().to(device)
+        denoiser = build_denoiser(
+            DenoiserConfig.from_dict(components["denoiser"]["config"]), vae.latent_shape, encoder.dim
+        )
+        denoiser.load_state_dict(store.load_tensors(DENOISER_FILE))
+        denoiser.requires_grad_(False).eval().to(device)
+        return cls(
+            classifier,
+            backbone_config,
+            layout,
+            encoder,
+            conditions,
+            Normalization.from_tensors(store.load_tensors(NORMALIZATION_FILE)),
+            vae,
+            denoiser,
+            store.load_json(SCHEDULER_FILE),
+            classes=store.manifest["classes"],
+            location_means=load_fallback(store),
+            store_id=generator_id(store),
+            base_model_hash=store.manifest["files"][BACKBONE_FILE]["sha256"],
+        )
 
     # --- conditions
 
@@ -133,14 +210,25 @@ class Generator:
         """Pillow images -> (B, D) raw condition features."""
         return self.encoder.embed(images)
 
-    def _nearest(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _reference_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) raw features -> (B, N) float64 distances to every stored frame, z-scored, unscaled."""
         standard = standardize(features.to(self.device), self.condition_mean, self.condition_std)
-        return nearest(standard, self._standard_references)
+        return torch.cdist(standard.double(), self._standard_references.double())  # float64: ties resolve alike
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """(B, D) -> (B,) distance to the nearest stored seen-location frame, in units of `distance_scale`
         (module docstring: ~1 is typical of training frames)."""
-        return (self._nearest(features)[0] / self.distance_scale).cpu()
+        return (self._reference_distances(features).min(dim=1).values.float() / self.distance_scale).cpu()
+
+    def location_distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, L): per seen location (`self.locations` order), the distance of its closest stored
+        frame, in the units of `distance` (whose value is the row minimum of this)."""
+        distances = self._reference_distances(features)  # (B, N)
+        owner = self.reference_locations.to(distances.device).expand_as(distances)
+        per_location = torch.full(
+            (len(distances), len(self.locations)), float("inf"), dtype=distances.dtype, device=distances.device
+        ).scatter_reduce(1, owner, distances, "amin")
+        return (per_location.float() / self.distance_scale).cpu()
 
     def condition(self, features: torch.Tensor, rule: str = DEFAULT_FRAME_RULE) -> tuple[torch.Tensor, float]:
         """(K, D) raw features of K background frames of ONE location -> the (1, D) condition and the request's
@@ -163,36 +251,76 @@ class Generator:
 
     def nearest_location(self, features: torch.Tensor) -> list[str]:
         """(B, D) -> the seen location of the nearest stored frame, per row."""
-        index = self._nearest(features)[1].cpu()
+        index = self._reference_distances(features).min(dim=1).indices.cpu()
         return [self.locations[i] for i in self.reference_locations[index].tolist()]
 
     # --- sampling
 
+    def _anchor_latents(self, anchor: torch.Tensor) -> torch.Tensor:
+        """(B, P) flat adapters -> (B, C, L) their VAE latents (deterministic: the encoder has no posterior)."""
+        if anchor.dim() != 2 or anchor.shape[1] != self.vae.num_params:
+            raise ValueError(f"anchor must be (B, {self.vae.num_params}) flat adapters, got {tuple(anchor.shape)}")
+        return self.vae.encode(self.normalization.normalize(anchor.to(self.device, torch.float32)))
+
     @torch.no_grad()
-    def sample_latents(self, features: torch.Tensor, seeds: Sequence[int], steps: int = DEFAULT_STEPS) -> torch.Tensor:
-        """(B, D) features, B seeds -> (B, C, L) latents by DDIM (eta=0) from each seed's own noise."""
+    def sample_latents(
+        self,
+        features: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int = DEFAULT_STEPS,
+        anchor: torch.Tensor | None = None,
+        strength: float = 1.0,
+    ) -> torch.Tensor:
+        """(B, D) features, B seeds -> (B, C, L) latents by DDIM (eta=0) from each seed's own noise.
+
+        With `anchor` (B, P) flat adapters, SDEdit: only the DDIM timesteps t < strength * T are run, starting
+        from the anchor's latent noised to the first of them with the same seeded noise; strength 0 (or no
+        timestep left) returns the anchor's latent, 1 starts from (almost) pure noise."""
         if len(seeds) != len(features):
             raise ValueError(f"{len(features)} condition rows but {len(seeds)} seeds")
-        if not 1 <= steps <= self.scheduler_config["num_train_timesteps"]:
-            raise ValueError(f"steps must be in 1..{self.scheduler_config['num_train_timesteps']}, got {steps}")
+        num_train_timesteps = self.scheduler_config["num_train_timesteps"]
+        if not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if anchor is None and strength != 1.0:
+            raise ValueError("strength below 1 needs an anchor to start from")
+        if anchor is not None and len(anchor) != len(features):
+            raise ValueError(f"{len(features)} condition rows but {len(anchor)} anchors")
         condition = standardize(features.to(self.device), self.condition_mean, self.condition_std)
         noise = [
             torch.randn(self.vae.latent_shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds
         ]
-        latents = torch.stack(noise).to(self.device)  # (B, C, L); drawn on CPU so every device starts equal
+        noise = torch.stack(noise).to(self.device)  # (B, C, L); drawn on CPU so every device starts equal
         # A scheduler per call: `set_timesteps` changes its state, and calls may come from several threads.
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
-        latents = latents * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        timesteps = scheduler.timesteps
+        if anchor is None:
+            latents = noise * scheduler.init_noise_sigma
+        else:
+            latents = self._anchor_latents(anchor)  # (B, C, L)
+            timesteps = timesteps[timesteps < strength * num_train_timesteps]
+            if len(timesteps) == 0:
+                return latents
+            latents = scheduler.add_noise(latents, noise, timesteps[:1].expand(len(latents)))
+        for t in timesteps:
             noise_pred = self.denoiser(latents, t.expand(len(latents)), condition)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
         return latents
 
     @torch.no_grad()
-    def generate_vectors(self, features: torch.Tensor, seeds: Sequence[int], steps: int = DEFAULT_STEPS) -> torch.Tensor:
-        """(B, D) features, B seeds -> (B, P) flat adapter vectors (un-normalised, `self.shapes` order)."""
-        latents = self.sample_latents(features, seeds, steps)
+    def generate_vectors(
+        self,
+        features: torch.Tensor,
+        seeds: Sequence[int],
+        steps: int = DEFAULT_STEPS,
+        anchor: torch.Tensor | None = None,
+        strength: float = 1.0,
+    ) -> torch.Tensor:
+        """(B, D) features, B seeds -> (B, P) flat adapter vectors (un-normalised, `self.shapes` order); with
+        `anchor` (B, P), DDIM from the anchors noised to `strength` (`sample_latents`)."""
+        latents = self.sample_latents(features, seeds, steps, anchor, strength)
         return self.normalization.denormalize(self.vae.decode(latents)).cpu()
 
     def generate(

@@ -223,3 +223,36 @@ def adapted_logits(
     """Logits (B, classes) of the classifier with the adapter applied; the module's weights are restored after
     the call. Not thread-safe on a shared classifier (module docstring)."""
     return functional_call(classifier, merged_weights(classifier, state, layout), (pixels,))
+
+
+@torch.no_grad()
+def adapter_predictions(
+    classifier: Classifier,
+    state: dict[str, torch.Tensor] | None,
+    layout: LoraLayout,
+    pixels: torch.Tensor,
+    batch_size: int = 512,
+) -> torch.Tensor:
+    """(N, 3, S, S) normalised frames -> (N,) predicted class indices with the adapter applied (None: the base
+    model). The one way every stage scores an adapter: zoo records, evaluation, few-shot selection, bench."""
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        batch = pixels[i : i + batch_size]
+        logits = classifier(batch) if state is None else adapted_logits(classifier, state, layout, batch)
+        out.append(logits.argmax(-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def adapter_accuracy(
+    classifier: Classifier,
+    state: dict[str, torch.Tensor] | None,
+    layout: LoraLayout,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 512,
+) -> float:
+    """Fraction of frames the adapted classifier labels right (NaN for no frames)."""
+    if len(labels) == 0:
+        return float("nan")
+    predictions = adapter_predictions(classifier, state, layout, pixels, batch_size)
+    return (predictions == labels.cpu()).float().mean().item()

@@ -10,7 +10,7 @@ so about 5% of fresh frames of seen locations are flagged (the false-alarm rate 
 set without examples of unseen locations). `wildpdiff fit` stores it as `components.condition.ood_threshold`
 in the manifest, with the rule beside it.
 
-Out of distribution a generated adapter can be far worse than no adapter at all (research/feasibility.md),
+Out of distribution a generated adapter can be far worse than no adapter at all (measured on the unseen demo locations),
 so the service's `fallback` policy serves a retrieved adapter instead: the mean zoo checkpoint of the
 nearest seen location, stored at fit time in `FALLBACK_FILE` (so serving never needs the zoo or training),
 or, for a store without that file, the all-zero adapter, which leaves the pretrained backbone unchanged.

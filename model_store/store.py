@@ -1,4 +1,4 @@
-"""The on-disk model store (DESIGN.md section 5): a folder of safetensors/JSON files plus `manifest.json`.
+"""The on-disk model store (docs/design.md, the store): a folder of safetensors/JSON files plus `manifest.json`.
 
 The manifest records the format version, provenance (creation time, code version), the profile, the class
 names, every component's config and, for every file, its sha256 and size. Every read goes through the

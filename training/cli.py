@@ -5,8 +5,8 @@
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 10]
-                       [--shots a.png b.png --labels deer empty [--refine-steps 0]]
-    wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling]
+                       [--method knn_blend] [--policy fallback] [--shots a.png b.png --labels deer empty]
+    wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling] [--fit-seeds N]
     wildpdiff pipeline --data data/demo --store model_store/demo     (all stages; resumable)
     wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
     wildpdiff backgrounds --data DATA --out DIR [--force]        (median backgrounds of real data)
@@ -25,13 +25,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from model_store.backbone import BACKBONE_FILE, open_clip_backbone
 from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
+from model_store.inference import DEFAULT_POLICY, METHODS, POLICIES
 from model_store.store import Store, StoreError
-from training.data import CCTDataset, DataError, read_cct, scan_cct
+from training.data import CCTDataset, DataError, DatasetSpec, read_dataset
 from training.profiles import PROFILES, Profile, get_profile
+from training.tasks import assign_roles
 
 
 def open_or_create_store(root: str, profile: Profile) -> Store:
@@ -53,8 +56,11 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def _dataset(args: argparse.Namespace) -> CCTDataset:
-    dataset = read_cct(args.data, tasks=args.tasks, backgrounds=args.backgrounds, classes=args.classes)
+    """The one place the command line turns its flags into a DatasetSpec; every stage and worker reads through it."""
+    spec = DatasetSpec(args.data, args.images, args.tasks, args.backgrounds, args.classes)
+    dataset = read_dataset(spec)
     print(dataset.summary())
+    dataset = assign_roles(dataset)
     for note in dataset.notes:
         print(f"note: {note}")
     return dataset
@@ -70,16 +76,16 @@ def _adopt(dataset: CCTDataset, store: Store, args: argparse.Namespace) -> None:
         )
     if not store.has("tasks.json") or store.load_json("tasks.json") != dataset.tasks:
         store.save_json("tasks.json", dataset.tasks)
-    if dataset.background_root is not None or (dataset.root / "backgrounds").is_dir():
+    if dataset.spec.backgrounds is not None or (dataset.root / "backgrounds").is_dir():
         return
     from training.backgrounds import write_backgrounds
 
-    dataset.background_root = store.path("backgrounds")
+    dataset.spec = replace(dataset.spec, backgrounds=store.path("backgrounds"))
     locations = [loc for role in ("seen", "interp", "unseen") for loc in dataset.locations(role)]
-    written = write_backgrounds(dataset, dataset.background_root, locations, progress=not args.quiet)
+    written = write_backgrounds(dataset, dataset.spec.backgrounds, locations, progress=not args.quiet)
     if written:
         store.register(*(str(path.relative_to(store.root)) for path in written))
-        print(f"derived {len(written)} background frames of {len(locations)} locations into {dataset.background_root}")
+        print(f"derived {len(written)} background frames of {len(locations)} locations into {dataset.spec.backgrounds}")
 
 
 def _apply_model_options(profile: Profile, args: argparse.Namespace) -> None:
@@ -170,66 +176,90 @@ def cmd_fit(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from model_store.adapt import FewShotConfig, adapt, labels_to_indices
     from model_store.backbone import preprocess
     from model_store.generator import Generator
-    from model_store.lora import save_adapter_dir, unflatten
-    from model_store.ood import load_fallback
+    from model_store.inference import (
+        DEFAULT_OOD_THRESHOLD,
+        InferenceOptions,
+        infer,
+        load_serving_table,
+        stored_ood_threshold,
+        to_rgb,
+    )
+    from model_store.lora import save_adapter_dir
     from training.data import read_image
 
     def read(path: str):
         image = read_image(Path(path))
         if image is None:
             raise ValueError(f"{path}: not a readable image")
-        return image
+        return to_rgb(image)  # as the service decodes an upload
 
     images = [read(path) for path in args.background]
+    shots = [read(path) for path in args.shots]
     store = Store(args.store)
     generator = Generator.from_store(store)
-    features, distance = generator.condition(generator.embed(images), args.frame_rule)
-    metadata = generator.metadata(args.seed, args.steps, distance)
-    metadata.update(background_frames=str(len(images)), frame_rule=args.frame_rule)
-    if args.shots:
-        labels = labels_to_indices(args.labels, generator.classes, len(args.shots))
-        pixels = preprocess([read(path) for path in args.shots], generator.backbone_config)
-        config = FewShotConfig(args.candidates, args.refine_steps)
-        fallback = load_fallback(store)
-        result = adapt(
-            generator, features, pixels, labels, seed=args.seed, steps=args.steps, fallback=fallback, config=config
-        )
-        state = {k: v.contiguous() for k, v in unflatten(result.vector, generator.shapes).items()}
-        metadata.update(result.metadata(), refine_steps=str(args.refine_steps))
-        chosen = f"; chose {result.source} ({result.shot_acc:.0%} on {len(args.shots)} shots)"
-    else:
-        [vector] = generator.generate_vectors(features, [args.seed], args.steps)
-        state = {k: v.contiguous() for k, v in unflatten(vector, generator.shapes).items()}
-        chosen = ""
-    save_adapter_dir(args.out, state, generator.layout, f"wildpdiff:{generator.store_id}", metadata)
-    print(
-        f"adapter written to {args.out} ({len(images)} background frame(s), {args.frame_rule} rule; seed {args.seed}, "
-        f"{args.steps} steps, condition distance {distance:.2f}, "
-        f"nearest seen location {generator.nearest_location(features)[0]}{chosen})"
+    threshold = stored_ood_threshold(store)
+    threshold = DEFAULT_OOD_THRESHOLD if threshold is None else threshold
+    options = InferenceOptions(
+        seed=args.seed,
+        steps=args.steps,
+        frame_rule=args.frame_rule,
+        policy=args.policy,
+        method=args.method,
+        shots=preprocess(shots, generator.backbone_config) if shots else None,
+        labels=tuple(args.labels),
+        refine_steps=args.refine_steps,
+        candidates=args.candidates,
     )
-    threshold = store.manifest["components"]["condition"].get("ood_threshold")
-    if threshold is not None and distance > threshold and not args.shots:
+    result = infer(generator, images, options, table=load_serving_table(store), ood_threshold=threshold)
+    save_adapter_dir(args.out, result.state, generator.layout, f"wildpdiff:{generator.store_id}", result.metadata)
+    chosen = ""
+    if result.fewshot is not None:
+        chosen = f"; chose {result.fewshot.source} ({result.fewshot.shot_acc:.0%} on {len(shots)} shots)"
+    print(
+        f"adapter written to {args.out} by {result.method} ({result.region} region, policy {result.policy_applied}; "
+        f"{len(images)} background frame(s), {args.frame_rule} rule; seed {args.seed}, {args.steps} steps, "
+        f"condition distance {result.distance:.2f}, nearest seen location {result.nearest_location}{chosen})"
+    )
+    if not result.in_distribution and result.fewshot is None:
         print(
-            f"warning: the background is out of distribution (distance {distance:.2f} > threshold {threshold:.2f}): "
-            "a generated adapter can be worse than the pretrained model here; adapt with a few labelled frames "
+            f"warning: the background is out of distribution (distance {result.distance:.2f} > threshold "
+            f"{threshold:.2f}); served {result.method} (policy {result.policy_applied}): a generated adapter can be "
+            "worse than the pretrained model here; adapt with a few labelled frames "
             "(--shots ... --labels ... --refine-steps 10)",
             file=sys.stderr,
         )
 
 
+def at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def fit_seeds_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fit-seeds",
+        type=at_least_one,
+        default=1,
+        help="also refit the denoiser with this many seeds (the store's own is the first) and report mean and spread",
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from model_store.generator import GENERATOR_FILES
-    from training.evaluate import evaluate
+    from training.pipeline import evaluate_and_report
 
     profile = get_profile(args.profile)
     dataset = _dataset(args)
     store = Store.open(args.store, required=GENERATOR_FILES)
     _adopt(dataset, store, args)
     start = time.perf_counter()
-    report = evaluate(dataset, store, profile, ablation=args.ablation, scaling=args.scaling, progress=not args.quiet)
+    report = evaluate_and_report(
+        dataset, store, profile, args.ablation, args.scaling, args.fit_seeds, progress=not args.quiet
+    )
     means = ", ".join(
         f"{rq} generated {report[rq]['summary']['generated_acc']:.3f}"
         for rq in ("rq1", "rq2", "rq3")
@@ -247,7 +277,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     store = open_or_create_store(args.store, profile)
     _adopt(dataset, store, args)
     start = time.perf_counter()
-    options = {"ablation": args.ablation, "scaling": args.scaling}
+    options = {"ablation": args.ablation, "scaling": args.scaling, "fit_seeds": args.fit_seeds}
     run_pipeline(dataset, store, profile, options, progress=not args.quiet)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report in {store.path('report')}")
 
@@ -255,7 +285,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 def cmd_backgrounds(args: argparse.Namespace) -> None:
     from training.backgrounds import write_backgrounds
 
-    dataset = scan_cct(args.data)
+    dataset = read_dataset(DatasetSpec(args.data, args.images))
     print(dataset.summary())
     locations = sorted(dataset.frames)
     written = write_backgrounds(dataset, Path(args.out), locations, force=args.force, progress=not args.quiet)
@@ -276,6 +306,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     settings = Settings(**{k: v for k, v in given.items() if v is not None})  # unset flags: env or defaults
     app = create_app(settings)  # a bad store raises StoreError here, before the port is bound
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=20)
+
+
+def images_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--images",
+        metavar="DIR",
+        help="folder the file_name paths of annotations.json are relative to "
+        "(default: DATA, or DATA/images when the listed files are there)",
+    )
 
 
 def backbone_options(p: argparse.ArgumentParser) -> None:
@@ -319,11 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if needs_data:
             p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
+            images_option(p)
             p.add_argument("--store", required=True, help="model store folder (created if missing)")
             p.add_argument("--tasks", metavar="FILE", help="location roles (default: DATA/tasks.json, else derived)")
-            p.add_argument(
-                "--classes", metavar="FILE", help="JSON list of the category names to keep (default: all)"
-            )
+            p.add_argument("--classes", metavar="FILE", help="JSON list of the category names to keep (default: all)")
             p.add_argument(
                 "--backgrounds", metavar="DIR", help="<location>/*.png (default: DATA/backgrounds, else derived)"
             )
@@ -372,16 +410,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=[], help="one class name per --shots file")
     p.add_argument("--candidates", type=int, default=16, help="generated candidates scored on the shots")
     p.add_argument("--refine-steps", type=int, default=0, help="gradient steps on the shots after choosing")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        help="generate (DDIM from noise), anchored (DDIM from the knn_blend adapter), knn_blend or nearest (the "
+        "seen locations' mean adapters); default: the store's serving table for the frame's distance region",
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=DEFAULT_POLICY,
+        help="out of distribution: generate anyway, fall back to the nearest seen location's mean adapter, or "
+        f"refuse (exit status 2); default {DEFAULT_POLICY}, as the service",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = stage("evaluate", "RQ1-RQ3 with baselines, novelty and timing -> STORE/report/")
     p.add_argument("--ablation", action="store_true", help="also the saving-interval ablation (fits 3 generators)")
     p.add_argument("--scaling", action="store_true", help="also the seen-location scaling study (fits many)")
+    fit_seeds_option(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = stage("pipeline", "pretrain -> zoo -> fit -> evaluate; a rerun skips what is up to date")
     p.add_argument("--ablation", action="store_true", help="evaluate with the saving-interval ablation")
     p.add_argument("--scaling", action="store_true", help="evaluate with the seen-location scaling study")
+    fit_seeds_option(p)
     backbone_options(p)
     condition_options(p)
     p.set_defaults(func=cmd_pipeline)
@@ -392,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="median background frames of every location from its empty train/val frames (DIR/<location>/)",
     )
     p.add_argument("--data", required=True, help="dataset folder in COCO Camera Traps layout")
+    images_option(p)
     p.add_argument("--out", required=True, help="output folder (the dataset folder is never written to)")
     p.add_argument("--force", action="store_true", help="recompute locations that already have backgrounds in OUT")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -1,7 +1,9 @@
-"""Small helpers shared by the training stages: seeding, batching, accuracy."""
+"""Small helpers shared by the training stages: seeding, batching, accuracy, and the one up-to-date rule."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 
 import numpy as np
@@ -37,3 +39,13 @@ def accuracy(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor,
     if len(labels) == 0:
         return float("nan")
     return (predict(model, pixels, config) == labels).float().mean().item()
+
+
+def config_key(config: dict, inputs: dict[str, str], data: dict[str, str] | None = None) -> str:
+    """The key of a result: a hash of the resolved config it was made with and of its inputs (name -> sha256).
+
+    The one rule for "is this up to date" (pipeline stages, studies' sub-stores): a result is current when its
+    recorded key equals the key of what would make it now. Hashing the whole resolved config, not chosen
+    fields, means a new config field can never be forgotten. `data`: the dataset's fingerprint, if it matters."""
+    material = {"config": config, "inputs": inputs} | ({"data": data} if data is not None else {})
+    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()

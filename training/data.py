@@ -1,8 +1,18 @@
-"""Reader for COCO Camera Traps folders: the one way every stage gets frames, synthetic or real.
+"""Reader for COCO Camera Traps folders: the one way every stage, zoo worker and benchmark gets frames.
 
 A dataset folder holds `annotations.json` (images with a `location` and `seq_id`, annotations,
 categories), image files, and optionally `backgrounds/<location>/*.png` and `tasks.json` naming which
 locations play which role (pretrain / seen / interp / unseen).
+
+A `DatasetSpec` (folder, image folder, roles, backgrounds, classes) determines a dataset; `read_dataset`
+reads it and returns the dataset with its spec resolved (image folder found, files read, roles checked),
+so a worker handed that spec reads exactly the parent's classes, labels, roles and backgrounds.
+
+Image files: `file_name` is relative to the image folder, by default the dataset folder, or its `images/`
+when that is where the listed files are (LILA ships metadata and images apart; COCO-style folders keep
+the images in `images/`). When most listed files are missing there, reading stops with a message that
+says how many and where it looked; files missing in folders that do not exist at all (seasons not
+downloaded) do not count against that, as long as some files are found.
 
 Real CCT data (LILA and others) varies; what the reader accepts and does:
 - image ids, category ids and locations may be integers or strings. A location becomes a string in
@@ -25,8 +35,8 @@ Real CCT data (LILA and others) varies; what the reader accepts and does:
 Splits: an image's own `split` field when present (the synthetic world writes one), else a hash of
 its `seq_id`, so frames of one sequence never straddle train and test.
 
-Roles: the folder's `tasks.json`, or an explicit dict / file (`read_cct(root, tasks=...)`); with
-neither, they are derived from label counts by fixed rules (`training.tasks`).
+Roles: the spec's dict or file, else the folder's `tasks.json`; with neither, the dataset has no roles
+and `training.tasks.assign_roles` derives them from label counts by fixed rules.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import hashlib
 import json
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +53,13 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from model_store.backbone import to_uint8
+from model_store.store import Store
 
 ROLES = ("pretrain", "seen", "interp", "unseen")
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = {"train": 0.6, "val": 0.15}  # test takes the rest
 EMPTY_NAMES = {"empty", "blank", "nothing", "none", "no animal"}  # compared lower-case, "_" and "-" as spaces
+IMAGE_ROOT_SAMPLE = 256  # listed files checked to tell whether they lie in the dataset folder or in its images/
 
 
 class DataError(Exception):
@@ -63,9 +75,48 @@ class Frame:
     datetime: str = ""  # as written in the data ("2011-07-17 11:29:30"); "" when unknown
 
 
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What determines a dataset. Paths and lists given as strings are converted; `tasks` and `classes` may name a
+    JSON file, which `read_dataset` reads once and replaces by its content in the dataset's resolved spec."""
+
+    root: Path
+    images: Path | None = None  # folder that `file_name`s are relative to; None: root, or root/images (module doc)
+    tasks: dict | Path | None = None  # roles (tasks.json content) or a tasks file; None: root/tasks.json if present
+    backgrounds: Path | None = None  # folder of <location>/*.png; None: root/backgrounds
+    classes: tuple[str, ...] | Path | None = None  # categories kept after "empty", in this order; None: all
+
+    def __post_init__(self) -> None:
+        convert = {
+            "root": Path(self.root),
+            "images": None if self.images is None else Path(self.images),
+            "tasks": Path(self.tasks) if isinstance(self.tasks, str) else self.tasks,
+            "backgrounds": None if self.backgrounds is None else Path(self.backgrounds),
+            "classes": Path(self.classes) if isinstance(self.classes, str) else self.classes,
+        }
+        if isinstance(self.classes, list):
+            convert["classes"] = tuple(self.classes)
+        for name, value in convert.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def of_store(cls, root: str | Path, store: Store, images: str | Path | None = None) -> DatasetSpec:
+        """The spec a store was built with, over the dataset at `root`: the roles in STORE/tasks.json, the store's
+        classes and its derived backgrounds (where it has them)."""
+        classes = store.manifest.get("classes") or []
+        derived = any(relpath.startswith("backgrounds/") for relpath in store.manifest["files"])
+        return cls(
+            root,
+            images,
+            store.load_json("tasks.json") if store.has("tasks.json") else None,
+            store.path("backgrounds") if derived else None,
+            tuple(classes[1:]) if classes else None,
+        )
+
+
 @dataclass
 class CCTDataset:
-    root: Path
+    spec: DatasetSpec  # resolved (`read_dataset`): what a worker reads to get this same dataset
     categories: list[str]  # contiguous class index -> name; index 0 is the empty class
     frames: dict[str, list[Frame]]  # location -> frames
     tasks: dict[str, list[str]]
@@ -74,8 +125,22 @@ class CCTDataset:
     corrupt: int = 0  # images flagged `corrupt` in the metadata, skipped
     other_class: int = 0  # images of a category left out by `classes`, skipped
     unreadable: Counter = field(default_factory=Counter)  # location -> corrupt files met while loading
-    background_root: Path | None = None  # folder of <location>/*.png; default root/backgrounds
     notes: list[str] = field(default_factory=list)  # what the reader decided that the user should know
+
+    @property
+    def root(self) -> Path:
+        return self.spec.root
+
+    def with_roles(self, raw: dict, where: str) -> CCTDataset:
+        """This dataset with the roles `raw` (tasks.json content, checked here), also recorded in its spec."""
+        tasks = _check_tasks(raw, self, where)
+        return replace(self, spec=replace(self.spec, tasks=tasks), tasks=tasks)
+
+    def label_digest(self, location: str) -> str:
+        """sha256 of the class list and every frame's file, label and split at `location`: what a zoo worker records
+        so that the parent can tell it saw the same labels."""
+        frames = [[str(f.file), f.label, f.split] for f in self.frames.get(location, [])]
+        return hashlib.sha256(json.dumps([self.categories, frames]).encode()).hexdigest()
 
     def locations(self, role: str) -> list[str]:
         return list(self.tasks.get(role, []))
@@ -94,7 +159,7 @@ class CCTDataset:
 
     def backgrounds(self, location: str) -> list[Path]:
         """Background (empty) frames of a location, sorted by name."""
-        folder = (self.background_root or self.root / "backgrounds") / location
+        folder = (self.spec.backgrounds or self.root / "backgrounds") / location
         return sorted(p for p in folder.glob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"})
 
     def _load(self, frames: list[Frame], image_size: int, location: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,41 +225,13 @@ def _read_json(path: Path, what: str) -> dict:
         raise DataError(f"{what} is not valid JSON: {path} ({err})") from err
 
 
-def read_cct(
-    root: str | Path,
-    tasks: dict | str | Path | None = None,
-    backgrounds: str | Path | None = None,
-    classes: list[str] | str | Path | None = None,
-) -> CCTDataset:
-    """Parse and validate a CCT folder with its roles. Raises DataError with a clear message on unusable input.
+def read_dataset(spec: DatasetSpec) -> CCTDataset:
+    """The dataset `spec` names, with its spec resolved; raises DataError with a clear message on unusable input.
 
-    `tasks`: a dict or the path of a tasks.json; default the folder's own tasks.json, and without one,
-    roles derived from label counts (`training.tasks.derive_tasks`). `backgrounds`: the folder that holds
-    `<location>/*.png`; default the dataset's `backgrounds/`. `classes`: the categories to keep (module
-    docstring); default all.
+    Without roles (no `spec.tasks`, no tasks.json in the folder) the dataset has none (`tasks` empty, `spec.tasks`
+    None): `training.tasks.assign_roles` derives them.
     """
-    dataset = scan_cct(root, classes)
-    if backgrounds is not None:
-        dataset.background_root = Path(backgrounds)
-    if tasks is None and (dataset.root / "tasks.json").is_file():
-        tasks = dataset.root / "tasks.json"
-    if tasks is None:
-        from training.tasks import derive_tasks  # imported here: the rules read this module's frames
-
-        tasks = derive_tasks(dataset)
-        where = "derived tasks"
-    elif isinstance(tasks, dict):
-        where = "tasks"
-    else:
-        where = str(tasks)
-        tasks = _read_json(Path(tasks), "tasks file")
-    dataset.tasks = _check_tasks(tasks, dataset, where)
-    return dataset
-
-
-def scan_cct(root: str | Path, classes: list[str] | str | Path | None = None) -> CCTDataset:
-    """Frames, labels and locations of a CCT folder, without roles (`tasks` is empty)."""
-    root = Path(root)
+    root = spec.root
     if not root.is_dir():
         raise DataError(f"dataset folder not found: {root}")
     where = root / "annotations.json"
@@ -202,10 +239,7 @@ def scan_cct(root: str | Path, classes: list[str] | str | Path | None = None) ->
     for key in ("images", "annotations", "categories"):
         if not isinstance(coco.get(key), list):
             raise DataError(f"{where}: missing or malformed '{key}' list")
-    if isinstance(classes, (str, Path)):
-        classes = _read_json(Path(classes), "classes file")
-        if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
-            raise DataError(f"classes file: expected a JSON list of category names, got {type(classes).__name__}")
+    classes = _read_classes(spec.classes)
     try:
         categories, class_of, notes = _classes(coco["categories"], classes)
         images: dict[str, dict] = {}
@@ -218,9 +252,68 @@ def scan_cct(root: str | Path, classes: list[str] | str | Path | None = None) ->
     except (KeyError, TypeError) as err:
         raise DataError(f"{where}: malformed entry (missing or wrong field {err})") from None
 
+    image_root = spec.images or _image_root(root, list(images.values()))
+    frames, skipped = _frames(images, labels, image_root, where)
+    dataset = CCTDataset(
+        replace(spec, images=image_root, tasks=None, classes=classes),
+        categories,
+        frames,
+        {},
+        missing=skipped["missing"],
+        unlabelled=skipped["unlabelled"],
+        corrupt=skipped["corrupt"],
+        other_class=skipped["other_class"],
+        notes=notes,
+    )
+    tasks = spec.tasks
+    if tasks is None and (root / "tasks.json").is_file():
+        tasks = root / "tasks.json"
+    if tasks is None:
+        return dataset
+    if isinstance(tasks, dict):
+        return dataset.with_roles(tasks, "tasks")
+    return dataset.with_roles(_read_json(tasks, "tasks file"), str(tasks))
+
+
+def read_cct(
+    root: str | Path,
+    tasks: dict | str | Path | None = None,
+    backgrounds: str | Path | None = None,
+    classes: list[str] | str | Path | None = None,
+    images: str | Path | None = None,
+) -> CCTDataset:
+    """`read_dataset` of the spec these arguments make (roles only from `tasks` or the folder's tasks.json)."""
+    return read_dataset(DatasetSpec(root, images, tasks, backgrounds, classes))
+
+
+def _read_classes(classes: tuple[str, ...] | Path | None) -> tuple[str, ...] | None:
+    if not isinstance(classes, Path):
+        return classes
+    names = _read_json(classes, "classes file")
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise DataError(f"classes file: expected a JSON list of category names, got {type(names).__name__}")
+    return tuple(names)
+
+
+def _image_root(root: Path, images: list[dict]) -> Path:
+    """root/images when it holds more of a sample of the listed files than root itself, else root."""
+    nested = root / "images"
+    if not nested.is_dir():
+        return root
+    step = max(1, len(images) // IMAGE_ROOT_SAMPLE)
+    names = [str(image.get("file_name") or "") for image in images[::step]]
+    found = {folder: sum(bool(name) and (folder / name).is_file() for name in names) for folder in (root, nested)}
+    return nested if found[nested] > found[root] else root
+
+
+def _frames(
+    images: dict[str, dict], labels: dict[str, int | None], image_root: Path, where: Path
+) -> tuple[dict[str, list[Frame]], Counter]:
+    """Location -> its usable frames, and the counts of what was skipped; stops when most files are missing."""
     frames: dict[str, list[Frame]] = defaultdict(list)
     spellings: dict[str, set[str]] = defaultdict(set)  # location name -> the ids in the data it came from
     skipped = Counter()
+    folders: dict[Path, bool] = {}  # folder -> exists
     for image_id, image in images.items():
         if image.get("corrupt"):
             skipped["corrupt"] += 1
@@ -231,33 +324,34 @@ def scan_cct(root: str | Path, classes: list[str] | str | Path | None = None) ->
         if labels[image_id] is None:
             skipped["other_class"] += 1
             continue
-        path = root / str(image.get("file_name", ""))
+        path = image_root / str(image.get("file_name", ""))
         if not image.get("file_name") or not path.is_file():
             skipped["missing"] += 1
+            if folders.setdefault(path.parent, path.parent.is_dir()):
+                skipped["missing_in_folder"] += 1
             continue
         raw = str(image.get("location", "unknown"))
         location = location_name(raw)
         spellings[location].add(raw)
         split = image.get("split") or _hash_split(str(image.get("seq_id", image_id)))
         frames[location].append(Frame(path, labels[image_id], location, split, str(image.get("datetime") or "")))
+    found = sum(len(v) for v in frames.values())
+    if skipped["missing"] and (not found or skipped["missing_in_folder"] > found):
+        raise DataError(
+            f"{skipped['missing']} of {skipped['missing'] + found} listed image files are missing under {image_root} "
+            f"(the folder the file_name paths of {where.name} were looked up in); pass --images DIR, the folder "
+            "they are relative to"
+        )
     for location, raws in spellings.items():
         if len(raws) > 1:
             listed = ", ".join(repr(r) for r in sorted(raws))
             raise DataError(f"{where}: locations {listed} all become {location!r}; rename them in the data")
-    return CCTDataset(
-        root,
-        categories,
-        dict(frames),
-        {},
-        missing=skipped["missing"],
-        unlabelled=skipped["unlabelled"],
-        corrupt=skipped["corrupt"],
-        other_class=skipped["other_class"],
-        notes=notes,
-    )
+    return dict(frames), skipped
 
 
-def _classes(categories: list[dict], keep: list[str] | None) -> tuple[list[str], dict[str, int | None], list[str]]:
+def _classes(
+    categories: list[dict], keep: tuple[str, ...] | None
+) -> tuple[list[str], dict[str, int | None], list[str]]:
     """CCT categories -> class names (index 0 = "empty"), category id (as a string) -> class index (None: a
     category left out by `keep`), notes."""
     names = {str(c["id"]): str(c["name"]) for c in categories}

@@ -19,7 +19,7 @@ Writes into the store:
     fit/loss_vae.png, fit/loss_denoiser.png
 and every component's config and summary in the manifest, with the OOD threshold calibrated on the held-out
 frames (`components.condition.ood_threshold`, rule in `model_store.ood`). Resumable: a finished component is
-skipped unless its settings changed (or, for the denoiser, the files it was trained on); `--force` redoes all.
+skipped unless its key changed (its settings or the store files it is trained from); `--force` redoes all.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import io
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
-from model_store.backbone import Classifier, load_backbone
+from model_store.backbone import BACKBONE_FILE, Classifier, load_backbone
 from model_store.condition import (
     CONDITION_TOWER_FILE,
     CONDITIONS_FILE,
@@ -51,13 +52,13 @@ from model_store.condition import (
 )
 from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
 from model_store.generator import SCHEDULER_FILE
-from model_store.lora import LoraLayout, adapter_shapes, flatten
+from model_store.lora import LoraLayout, adapter_shapes
 from model_store.ood import FALLBACK_FILE, OOD_QUANTILE, calibrate_threshold, location_means
 from model_store.store import Store, StoreError, atomic_write_bytes
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
-from training.common import seed_everything
+from training.common import config_key, seed_everything
 from training.data import CCTDataset, DataError, read_image
-from training.zoo import load_zoo_results
+from training.zoo import Zoo, load_seen_zoo
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
@@ -87,15 +88,6 @@ class FitConfig:
     threads: int = 1
 
 
-@dataclass
-class Zoo:
-    """The seen locations' checkpoints as flat vectors."""
-
-    locations: list[str]
-    vectors: torch.Tensor  # (N, P)
-    location: torch.Tensor  # (N,) index into `locations`
-
-
 def fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool = False, progress: bool = True) -> dict:
     """Fit every unfinished component; returns {component: seconds} for the ones trained now."""
     threads = torch.get_num_threads()
@@ -108,61 +100,68 @@ def fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool = Fals
 
 def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, progress: bool) -> dict:
     classifier, _ = load_backbone(store)
-    zoo = load_seen_zoo(dataset, store, classifier)
+    shapes = adapter_shapes(classifier, LoraLayout.from_dict(store.manifest["components"]["lora"]))
+    zoo, results = load_seen_zoo(store, shapes, dataset.locations("seen"))
+    zoo_files = [c["file"] for location in zoo.locations for run in results[location] for c in run["checkpoints"]]
     trained = {}
     condition_files = [CONDITIONS_FILE] + ([CONDITION_TOWER_FILE] if config.condition.source == "open_clip" else [])
-    if force or not is_current(store, config, "condition", condition_files):
+    if force or not is_current(store, config, "condition", condition_files, zoo_files):
         trained["condition"] = fit_conditions(dataset, store, classifier, zoo.locations, config)
-    if force or "ood_threshold" not in store.manifest["components"]["condition"] or not store.has(FALLBACK_FILE):
-        trained["ood"] = fit_ood(dataset, store, classifier, zoo, config)
-    if force or not is_current(store, config, "vae", [VAE_FILE, NORMALIZATION_FILE]):
-        trained["vae"] = fit_vae(store, zoo, config, progress)
-    if force or not denoiser_is_current(store, config):
+    calibrated = "ood_threshold" in store.manifest["components"]["condition"]
+    if force or not calibrated or not is_current(store, config, "ood", [FALLBACK_FILE], zoo_files):
+        trained["ood"] = fit_ood(dataset, store, classifier, zoo, config, zoo_files)
+    if force or not is_current(store, config, "vae", [VAE_FILE, NORMALIZATION_FILE], zoo_files):
+        trained["vae"] = fit_vae(store, zoo, config, progress, zoo_files)
+    if force or not is_current(store, config, "denoiser", [DENOISER_FILE, SCHEDULER_FILE], zoo_files):
         trained["denoiser"] = fit_denoiser(store, zoo, config, progress)
     if trained:
         store.set_component("fit", asdict(config))
     return trained
 
 
+# The FitConfig fields each component is trained with; `threads` changes speed, not results. A test checks
+# that every field has an owner, so no field can be left out of a component's key.
+COMPONENT_FIELDS = {
+    "condition": ("condition",),
+    "ood": ("condition",),
+    "vae": ("vae", "vae_steps", "vae_batch_size", "vae_lr", "warmup_steps", "seed"),
+    "denoiser": (
+        "denoiser", "denoiser_steps", "denoiser_batch_size", "denoiser_lr", "warmup_steps", "seed",
+        "prediction_type", "train_timesteps", "beta_schedule",
+    ),
+}  # fmt: skip
+SPEED_ONLY = ("threads",)
+
+
 def settings(config: FitConfig, component: str) -> dict:
-    """What a component is trained with (JSON form); a stored component with other settings is refitted."""
-    if component == "condition":
-        chosen = {"config": config.condition.to_dict()}
-    elif component == "vae":
-        chosen = {"config": config.vae.to_dict(), "steps": config.vae_steps, "batch_size": config.vae_batch_size}
-        chosen |= {"lr": config.vae_lr, "warmup_steps": config.warmup_steps, "seed": config.seed}
-    else:
-        chosen = {"config": config.denoiser.to_dict(), "steps": config.denoiser_steps}
-        chosen |= {"batch_size": config.denoiser_batch_size, "lr": config.denoiser_lr}
-        chosen |= {"warmup_steps": config.warmup_steps, "seed": config.seed, "prediction_type": config.prediction_type}
-        chosen |= {"train_timesteps": config.train_timesteps, "beta_schedule": config.beta_schedule}
-    return json.loads(json.dumps(chosen))  # tuples -> lists, as the manifest stores them
+    """What a component is trained with (JSON form), recorded beside it in the manifest."""
+    resolved = asdict(config)
+    return json.loads(json.dumps({name: resolved[name] for name in COMPONENT_FIELDS[component]}))
 
 
-def is_current(store: Store, config: FitConfig, component: str, files: list[str]) -> bool:
+def component_inputs(store: Store, component: str, zoo_files: Sequence[str]) -> dict[str, str]:
+    """The store files a component is made from, by hash: the backbone for the condition embeddings, those and
+    the seen zoo's checkpoints for the OOD threshold and the per-location mean adapters, the checkpoints for
+    the VAE, the conditions and the VAE for the denoiser."""
+    relpaths = {
+        "condition": [BACKBONE_FILE],
+        "ood": [CONDITIONS_FILE, *zoo_files],
+        "vae": list(zoo_files),
+        "denoiser": [CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE],
+    }
+    return {relpath: store.manifest["files"][relpath]["sha256"] for relpath in relpaths[component]}
+
+
+def component_key(store: Store, config: FitConfig, component: str, zoo_files: Sequence[str]) -> str:
+    return config_key(settings(config, component), component_inputs(store, component, zoo_files))
+
+
+def is_current(store: Store, config: FitConfig, component: str, outputs: list[str], zoo_files: list[str]) -> bool:
+    """The one up-to-date rule (`training.common.config_key`): outputs present, recorded key = today's key."""
+    if not all(store.has(relpath) for relpath in outputs):
+        return False
     stored = store.manifest["components"].get(component, {})
-    return all(store.has(relpath) for relpath in files) and stored.get("settings") == settings(config, component)
-
-
-def load_seen_zoo(dataset: CCTDataset, store: Store, classifier: Classifier) -> Zoo:
-    results = load_zoo_results(store, "zoo")
-    seen = dataset.locations("seen")
-    missing = [location for location in seen if location not in results]
-    if len(missing) == len(seen):
-        raise StoreError(f"{store.root}: no LoRA zoo for the seen locations; run `wildpdiff zoo` first")
-    if missing:
-        raise StoreError(
-            f"{store.root}: the zoo is incomplete ({len(missing)} of {len(seen)} seen locations have no finished "
-            f"run, first {missing[0]!r}); rerun `wildpdiff zoo` to finish it"
-        )
-    shapes = adapter_shapes(classifier, LoraLayout.from_dict(store.manifest["components"]["lora"]))
-    vectors, location = [], []
-    for index, name in enumerate(seen):
-        for run in results[name]:
-            for checkpoint in run["checkpoints"]:
-                vectors.append(flatten(store.load_tensors(checkpoint["file"]), shapes))
-                location.append(index)
-    return Zoo(seen, torch.stack(vectors), torch.tensor(location))
+    return stored.get("key") == component_key(store, config, component, zoo_files)
 
 
 # -----------------------------------------------------------------------------
@@ -211,6 +210,7 @@ def fit_conditions(
         {
             "config": config.condition.to_dict(),
             "settings": settings(config, "condition"),
+            "key": component_key(store, config, "condition", ()),
             "locations": locations,
             "dim": encoder.dim,
             "frames": len(features),
@@ -229,7 +229,9 @@ def fit_conditions(
     return time.perf_counter() - start
 
 
-def fit_ood(dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo, config: FitConfig) -> float:
+def fit_ood(
+    dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo, config: FitConfig, zoo_files: Sequence[str]
+) -> float:
     """Calibrate the OOD threshold on the held-out frames and store the fallback adapters (model_store.ood)."""
     start = time.perf_counter()
     tower_state = store.load_tensors(CONDITION_TOWER_FILE) if config.condition.source == "open_clip" else None
@@ -239,11 +241,12 @@ def fit_ood(dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo,
     references = standardize(conditions["features"], conditions["mean"], conditions["std"])
     distance = nearest(standardize(fresh, conditions["mean"], conditions["std"]), references)[0]
     distance = distance / conditions["distance_scale"]
-    store.save_tensors(FALLBACK_FILE, {"vectors": location_means(zoo.vectors, zoo.location, len(zoo.locations))})
+    store.save_tensors(FALLBACK_FILE, {"vectors": location_means(zoo.vectors, zoo.owner, len(zoo.locations))})
     component = dict(store.manifest["components"]["condition"])
     component["ood_threshold"] = calibrate_threshold(distance)
     component["ood_rule"] = f"quantile {OOD_QUANTILE} of {len(distance)} held-out frames of seen locations"
     store.set_component("condition", component)
+    store.set_component("ood", {"key": component_key(store, config, "ood", zoo_files)})
     return time.perf_counter() - start
 
 
@@ -251,7 +254,8 @@ def fit_ood(dataset: CCTDataset, store: Store, classifier: Classifier, zoo: Zoo,
 # 2. the parameter VAE
 
 
-def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
+def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool, zoo_files: Sequence[str] = ()) -> float:
+    """`zoo_files`: the checkpoints `zoo` was read from, for the VAE's key (none: a key no fit run matches)."""
     start = time.perf_counter()
     generator = seed_everything(config.seed)
     normalization = Normalization.fit(zoo.vectors)
@@ -285,6 +289,7 @@ def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
         {
             "config": config.vae.to_dict(),
             "settings": settings(config, "vae"),
+            "key": component_key(store, config, "vae", zoo_files),
             "num_params": x.shape[1],
             "checkpoints": len(x),
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
@@ -298,17 +303,6 @@ def fit_vae(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
 
 # -----------------------------------------------------------------------------
 # 3. the latent denoiser
-
-
-def denoiser_inputs(store: Store) -> dict[str, str]:
-    """The files the denoiser is trained from, by hash: when one changes, the denoiser is stale."""
-    return {relpath: store.manifest["files"][relpath]["sha256"] for relpath in (CONDITIONS_FILE, VAE_FILE)}
-
-
-def denoiser_is_current(store: Store, config: FitConfig) -> bool:
-    if not is_current(store, config, "denoiser", [DENOISER_FILE, SCHEDULER_FILE, CONDITIONS_FILE, VAE_FILE]):
-        return False
-    return store.manifest["components"]["denoiser"].get("inputs") == denoiser_inputs(store)
 
 
 def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> float:
@@ -346,7 +340,7 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
     bar = tqdm(range(config.denoiser_steps), desc="denoiser", unit="step", disable=not progress)
     for step in bar:
         index = torch.randint(len(latents), (config.denoiser_batch_size,), generator=generator)
-        location = zoo.location[index]
+        location = zoo.owner[index]
         # each checkpoint meets a random training-half frame of its own location
         frame = offsets[location] + (torch.rand(len(index), generator=generator) * counts[location]).long()
         clean = latents[index]
@@ -376,8 +370,8 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
         {
             "config": config.denoiser.to_dict(),
             "settings": settings(config, "denoiser"),
+            "key": component_key(store, config, "denoiser", ()),
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-            "inputs": denoiser_inputs(store),
             "seconds": time.perf_counter() - start,
         },
     )

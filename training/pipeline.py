@@ -1,4 +1,4 @@
-"""The one-command pipeline: pretrain -> zoo -> fit -> evaluate.
+"""The one-command pipeline: pretrain -> zoo -> fit -> evaluate -> studies -> report.
 
     wildpdiff pipeline --data data/demo --store model_store/demo [--profile demo]
 
@@ -25,9 +25,17 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 from model_store.backbone import BACKBONE_FILE
+from model_store.inference import SERVING_FILE
 from model_store.store import Store
+from training import report as report_files
+from training import studies
+from training.common import config_key
 from training.data import CCTDataset
+from training.evaluation.stage import evaluate
 from training.profiles import Profile
+
+REPORT = "report"
+EVALUATION_OUTPUTS = (f"{REPORT}/", SERVING_FILE, "fit_seeds/", "ablation/", "scaling/")
 
 
 @dataclass
@@ -76,9 +84,49 @@ def run_fit(dataset, store, profile, options, fresh, progress) -> None:
 
 
 def run_evaluate(dataset, store, profile, options, fresh, progress) -> None:
-    from training.evaluate import evaluate
+    evaluate_and_report(
+        dataset, store, profile, options["ablation"], options["scaling"], options["fit_seeds"], progress
+    )
 
-    evaluate(dataset, store, profile, ablation=options["ablation"], scaling=options["scaling"], progress=progress)
+
+def evaluate_and_report(
+    dataset: CCTDataset,
+    store: Store,
+    profile: Profile,
+    ablation: bool = False,
+    scaling: bool = False,
+    fit_seeds: int = 1,
+    progress: bool = True,
+) -> dict:
+    """evaluate -> the studies asked for (each fits extra generators; without them, the results of an earlier
+    run that did are kept) -> STORE/report/{report.json, report.md, *.png}; returns the report."""
+    evaluation = evaluate(dataset, store, profile.evaluate, progress)
+    if fit_seeds > 1:
+        sections = {rq: evaluation.report[rq] for rq in ("rq1", "rq2", "rq3")}
+        study = studies.fit_seeds(dataset, store, fit_seeds, profile.fit, profile.evaluate, sections, progress)
+        store.save_json(f"{REPORT}/fit_seeds.json", study)
+    if ablation:
+        study = studies.saving_interval_ablation(
+            dataset, store, profile.ablation, profile.zoo, profile.fit, profile.evaluate, progress
+        )
+        store.save_json(f"{REPORT}/ablation.json", study)
+    if scaling:
+        rows = studies.seen_scaling(dataset, store, profile.scaling, profile.fit, profile.evaluate, progress)
+        store.save_json(f"{REPORT}/scaling.json", {"scaling": rows, "setup": studies.scaling_setup(profile.scaling)})
+    report = evaluation.report
+    report["ablation"] = previous(store, "ablation.json", {"saving_interval": [], "setup": ""})
+    report["fit_seeds"] = previous(store, "fit_seeds.json", {"seeds": [], "mean": {}, "std": {}})
+    scaling_result = previous(store, "scaling.json", {"scaling": [], "setup": ""})
+    report["scaling"] = scaling_result["scaling"]
+    report["settings"]["scaling"] = scaling_result["setup"]
+    store.save_json(f"{REPORT}/report.json", report)
+    report_files.write(store, report, evaluation.zoo, evaluation.generated, dataset)
+    return report
+
+
+def previous(store: Store, name: str, default):
+    """The ablation or scaling result of the latest `--ablation` / `--scaling` run, if any."""
+    return store.load_json(f"{REPORT}/{name}") if store.has(f"{REPORT}/{name}") else default
 
 
 STAGES = (
@@ -102,9 +150,14 @@ STAGES = (
     ),
     Stage(
         "evaluate",
-        config=lambda p, o: {"evaluate": asdict(p.evaluate), **o},
+        config=lambda p, o: {
+            "evaluate": asdict(p.evaluate),
+            **o,
+            **({"ablation": asdict(p.ablation)} if o["ablation"] else {}),
+            **({"scaling": asdict(p.scaling)} if o["scaling"] else {}),
+        },
         # everything the store holds except what evaluation itself writes
-        inputs=lambda store: [f for f in store.manifest["files"] if not f.startswith("report/")],
+        inputs=lambda store: [f for f in store.manifest["files"] if not f.startswith(EVALUATION_OUTPUTS)],
         run=run_evaluate,
     ),
 )
@@ -124,12 +177,8 @@ def data_fingerprint(dataset: CCTDataset) -> dict[str, str]:
 
 
 def stage_key(stage: Stage, dataset: CCTDataset, store: Store, profile: Profile, options: dict) -> str:
-    material = {
-        "config": stage.config(profile, options),
-        "data": data_fingerprint(dataset),
-        "inputs": {relpath: store.manifest["files"][relpath]["sha256"] for relpath in sorted(stage.inputs(store))},
-    }
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
+    inputs = {relpath: store.manifest["files"][relpath]["sha256"] for relpath in stage.inputs(store)}
+    return config_key(stage.config(profile, options), inputs, data_fingerprint(dataset))
 
 
 def run_pipeline(
@@ -141,7 +190,7 @@ def run_pipeline(
     progress: bool = True,
 ) -> dict[str, str]:
     """Run every stage that is not finished with its current key; returns {stage: "skipped" | "ran"}."""
-    options = {"ablation": False, "scaling": False, **(options or {})}
+    options = {"ablation": False, "scaling": False, "fit_seeds": 1, **(options or {})}
     done: dict[str, str] = {}
     for stage in stages:
         key = stage_key(stage, dataset, store, profile, options)

@@ -10,12 +10,16 @@ from model_store.backbone import BackboneConfig
 from model_store.denoiser import DenoiserConfig
 from model_store.lora import LoraLayout
 from model_store.vae import VAEConfig
-from training.baselines import HypernetConfig
-from training.evaluate import AblationConfig, EvalConfig, ScalingConfig
-from training.fewshot import FewShotEvalConfig
+from training.evaluation.config import (
+    AnchoredConfig,
+    EvalConfig,
+    FewShotEvalConfig,
+    HypernetConfig,
+    RepresentationConfig,
+)
 from training.fit import FitConfig
 from training.pretrain import PretrainConfig
-from training.representation import RepresentationConfig
+from training.studies import AblationConfig, ScalingConfig
 from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
 from training.zoo import ZooConfig
 
@@ -30,6 +34,8 @@ class Profile:
     zoo: ZooConfig = field(default_factory=ZooConfig)
     fit: FitConfig = field(default_factory=FitConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
 
 
 PROFILES = {
@@ -55,11 +61,12 @@ PROFILES = {
             steps=20,
             timing_repeats=2,
             hypernet=HypernetConfig(steps=200),
-            ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
-            scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
+            anchored=AnchoredConfig(strengths=(0.0, 0.3, 0.6), samples=2),
             fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4, refine_steps=(0, 5)),
             representation=RepresentationConfig(frames=2, samples=2),
         ),
+        ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
+        scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),
     ),
     "demo": Profile("demo", pretrain=PretrainConfig(steps=1500)),
     "paper": Profile(

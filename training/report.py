@@ -19,8 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from model_store.store import Store, atomic_write_bytes  # noqa: E402
-from training.baselines import Zoo  # noqa: E402
 from training.data import CCTDataset  # noqa: E402
+from training.zoo import Zoo  # noqa: E402
 
 TITLES = {
     "rq1": "RQ1: seen locations",
@@ -116,6 +116,95 @@ def verdict(section: dict, baseline: str) -> str:
     )
 
 
+PAIRED = ("served", "anchored", "generated", "generated_selected", "nearest", "hypernet", "average", "midpoint",
+          "finetuned")  # fmt: skip
+
+
+def paired_table(summary: dict) -> list[str]:
+    """Each method's mean and its paired difference to knn_blend with the 95% bootstrap interval."""
+    rows = [["knn_blend", pct(summary["baselines"]["knn_blend"]), "", ""]]
+    for name in PAIRED:
+        entry = summary["paired"].get(name)
+        if entry is None:
+            continue
+        low, high = entry["ci95"]
+        verdict_ = "above" if low > 0 else "below" if high < 0 else "tie"
+        mean = summary["baselines"].get(name, summary.get(f"{name}_acc"))
+        rows.append([name, pct(mean), f"{points(entry['diff'])} [{points(low)}, {points(high)}]", verdict_])
+    return table(["Method", "Accuracy", "minus knn_blend [95% CI]", "reading"], rows)
+
+
+def serving_section(report: dict) -> list[str]:
+    """What the store serves per region of condition distance, and how every method compares with knn_blend."""
+    serving = report.get("serving")
+    if not serving:
+        return []
+    lines = [
+        "## What the store serves",
+        "",
+        f"Chosen on {serving['chosen_on']}: knn_blend k={serving['knn_blend']['k']} "
+        f"({serving['knn_blend']['weighting']}); anchored = DDIM started from that blend at strength "
+        f"{serving['anchored']['strength']:g}.",
+        "",
+    ]
+    lines += table(
+        ["Region", "Condition distance up to", "Method served", "Evaluated locations there"],
+        [
+            [r["region"], "-" if r["max_distance"] is None else f"{r['max_distance']:.2f}", r["method"],
+             str(r.get("locations", "-"))]
+            for r in serving["regions"]
+        ],
+    )  # fmt: skip
+    lines += [
+        "",
+        "Per role: each method's mean test accuracy and its paired difference to knn_blend (chosen per role on "
+        "val), with a 95% bootstrap interval over locations. `served` = what the table above serves each location.",
+        "",
+    ]
+    for rq, title in TITLES.items():
+        summary = report[rq]["summary"]
+        if summary and summary.get("paired"):
+            lines += [f"### {title}", "", *paired_table(summary), ""]
+    return lines
+
+
+def fit_seeds_section(study: dict) -> list[str]:
+    """Mean and spread over denoiser fit seeds of what matters for new locations."""
+    if len(study.get("seeds", [])) < 2:
+        return []
+    lines = [
+        f"## Fit seeds ({len(study['seeds'])} denoisers)",
+        "",
+        "The denoiser refitted with each seed (seed "
+        f"{', '.join(str(r['seed']) for r in study['seeds'])}; everything else is the store's). Mean ± standard "
+        "deviation over seeds; paired differences are method minus knn_blend.",
+        "",
+    ]
+    rows = []
+    for rq, title in TITLES.items():
+        mean, std = study["mean"].get(rq), study["std"].get(rq)
+        if not mean:
+            continue
+
+        def cell(value, spread):
+            return f"{pct(value)} ± {100 * spread:.1f}"
+
+        rows.append(
+            [
+                title.split(":")[0],
+                *(cell(mean.get(f), std.get(f, 0.0)) for f in ("served_acc", "anchored_acc", "generated_acc")),
+                cell(mean["knn_blend_acc"], std["knn_blend_acc"]),
+                *(
+                    f"{points(mean['paired'].get(n))} ± {100 * std['paired'].get(n, 0.0):.1f}"
+                    for n in ("served", "anchored", "generated")
+                ),
+            ]
+        )
+    header = ["Role", "Served", "Anchored", "Generated", "knn_blend", "Served − blend", "Anchored − blend",
+              "Generated − blend"]  # fmt: skip
+    return [*lines, *table(header, rows), ""]
+
+
 def novelty_words(ratio: float) -> str:
     if ratio < 0.5:
         return "close to a training checkpoint (replica-like)"
@@ -160,6 +249,7 @@ def markdown(report: dict) -> str:
                 "",
             ]
 
+    lines += serving_section(report)
     lines += ["## Baselines", ""]
     lines.append(
         "average = mean of all seen checkpoints (ignores the frame); nearest = mean adapter of the seen location "
@@ -233,6 +323,7 @@ def markdown(report: dict) -> str:
             ],
         )
         lines.append("")
+    lines += fit_seeds_section(report.get("fit_seeds", {}))
     if report["scaling"]:
         lines += ["## Scaling with the number of seen locations", "", settings.get("scaling", ""), ""]
         lines += table(

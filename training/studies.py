@@ -1,4 +1,4 @@
-"""The two evaluation studies that fit extra generators: `wildpdiff evaluate --ablation` / `--scaling`.
+"""The evaluation studies that fit extra generators: `wildpdiff evaluate --ablation` / `--scaling` / `--fit-seeds`.
 
 Each study point is a complete sub-store inside the main store, so `training.fit` and `Generator` work on
 it unchanged (fit reads `zoo/` and the dataset's seen locations):
@@ -6,28 +6,60 @@ it unchanged (fit reads `zoo/` and the dataset's seen locations):
     STORE/ablation/interval_<k>/        backbone (hard link), its own zoo saved every k steps, generator
     STORE/scaling/n<n>_seed<s>/         backbone, a random subset of n seen locations of the main zoo
                                         (hard links), generator fitted with seed s
+    STORE/fit_seeds/seed<s>/            everything of the store but the denoiser (hard links), denoiser
+                                        refitted with seed s
 
 A sub-store records the key of what built it (parent backbone hash + study config); a sub-store with
 another key is deleted and rebuilt, one with the same key is reused (zoo and fit resume inside it).
-Fits are cheaper than the main one (fewer steps; ablation on fewer locations); the report says which.
+Ablation and scaling fits are cheaper than the main one (fewer steps; ablation on fewer locations), and skip
+the hypernet and the serving table; the report says which. Fit seeds repeat the full evaluation.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import shutil
-from dataclasses import asdict, replace
+import statistics
+from dataclasses import asdict, dataclass, replace
 
-from model_store.backbone import BACKBONE_FILE
-from model_store.lora import LoraLayout
+from model_store.backbone import BACKBONE_FILE, load_backbone
+from model_store.condition import CONDITION_TOWER_FILE, CONDITIONS_FILE
+from model_store.denoiser import DENOISER_FILE
+from model_store.generator import Generator
+from model_store.lora import LoraLayout, adapter_shapes
+from model_store.ood import FALLBACK_FILE
 from model_store.store import MANIFEST, Store
+from model_store.vae import NORMALIZATION_FILE, VAE_FILE
+from training.common import config_key
 from training.data import CCTDataset
-from training.evaluate import EvalConfig, evaluate_store
-from training.profiles import Profile
-from training.zoo import collect_zoo, load_zoo_results
+from training.evaluation.config import EvalConfig
+from training.evaluation.stage import evaluate_store
+from training.fit import FitConfig, fit, fit_denoiser
+from training.zoo import ZooConfig, collect_zoo, load_seen_zoo, load_zoo_results
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    """`--ablation`: the paper's saving interval, each with its own zoo and generator."""
+
+    intervals: tuple[int, ...] = (1, 10, 100)
+    locations: int = 8  # the first n seen locations; fewer than the main run, to keep it affordable
+    runs: int = 1  # runs per location: the interval is then the only source of checkpoint diversity
+    vae_steps: int = 1500
+    denoiser_steps: int = 2000
+    samples: int = 5
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """`--scaling`: RQ2/RQ3 as the number of seen locations grows; random subsets of the main zoo."""
+
+    sizes: tuple[int, ...] = (8, 16, 32, 40)
+    seeds: tuple[int, ...] = (0, 1, 2)  # subset and fit seed
+    vae_steps: int = 1000
+    denoiser_steps: int = 1500
+    samples: int = 5
 
 
 def subset(dataset: CCTDataset, seen: list[str], others: bool) -> CCTDataset:
@@ -40,9 +72,7 @@ def subset(dataset: CCTDataset, seen: list[str], others: bool) -> CCTDataset:
 
 def study_store(store: Store, relpath: str, config: dict) -> Store:
     """A sub-store sharing the parent's backbone; rebuilt from scratch when what it was built from changed."""
-    key = hashlib.sha256(
-        json.dumps({"backbone": store.manifest["files"][BACKBONE_FILE]["sha256"], **config}, sort_keys=True).encode()
-    ).hexdigest()[:16]
+    key = config_key(config, {BACKBONE_FILE: store.manifest["files"][BACKBONE_FILE]["sha256"]})[:16]
     root = store.path(relpath)
     if (root / MANIFEST).exists():
         sub = Store(root)
@@ -72,34 +102,37 @@ def link(parent: Store, sub: Store, *relpaths: str) -> None:
 
 
 def fit_and_evaluate(
-    dataset: CCTDataset, sub: Store, profile: Profile, config: EvalConfig, study, seed: int, roles, progress: bool
+    dataset: CCTDataset, sub: Store, fit_config: FitConfig, config: EvalConfig, study, seed: int, roles, progress: bool
 ) -> dict:
-    from model_store.generator import Generator
-    from training.fit import fit
-
-    fit_config = replace(profile.fit, vae_steps=study.vae_steps, denoiser_steps=study.denoiser_steps, seed=seed)
+    fit_config = replace(fit_config, vae_steps=study.vae_steps, denoiser_steps=study.denoiser_steps, seed=seed)
     fit(dataset, sub, fit_config, progress=progress)
     generator = Generator.from_store(sub)
     # The studies compare generation with fine-tuning and retrieval only: no hypernet to train per point.
     config = replace(config, samples=study.samples, hypernet=replace(config.hypernet, steps=0))
-    sections, *_ = evaluate_store(dataset, sub, generator, config, roles, progress)
+    sections, *_ = evaluate_store(dataset, sub, generator, config, roles, serve=False, progress=progress)
     return sections
 
 
-def saving_interval_ablation(dataset: CCTDataset, store: Store, profile: Profile, progress: bool = True) -> dict:
+def saving_interval_ablation(
+    dataset: CCTDataset,
+    store: Store,
+    study: AblationConfig,
+    zoo: ZooConfig,
+    fit_config: FitConfig,
+    config: EvalConfig,
+    progress: bool = True,
+) -> dict:
     """RQ1 fine-tuned vs generated accuracy when the zoo saves a checkpoint every 1, 10, 100 steps."""
-    config = profile.evaluate
-    study = config.ablation
     seen = dataset.locations("seen")[: study.locations]
     data = subset(dataset, seen, others=False)
     layout = LoraLayout.from_dict(store.manifest["components"]["lora"])
     rows = []
     for interval in study.intervals:
-        zoo_config = replace(profile.zoo, interval=interval, runs=study.runs, folder="zoo")
-        built_from = {"study": asdict(study), "zoo": asdict(zoo_config), "fit": asdict(profile.fit), "seen": seen}
+        zoo_config = replace(zoo, interval=interval, runs=study.runs)
+        built_from = {"study": asdict(study), "zoo": asdict(zoo_config), "fit": asdict(fit_config), "seen": seen}
         sub = study_store(store, f"ablation/interval_{interval}", built_from)
         collect_zoo(data, sub, zoo_config, layout, progress=progress)
-        rq1 = fit_and_evaluate(data, sub, profile, config, study, profile.fit.seed, ("rq1",), progress)["rq1"]
+        rq1 = fit_and_evaluate(data, sub, fit_config, config, study, fit_config.seed, ("rq1",), progress)["rq1"]
         summary = rq1["summary"]
         rows.append(
             {
@@ -114,31 +147,36 @@ def saving_interval_ablation(dataset: CCTDataset, store: Store, profile: Profile
         )
     setup = (
         f"Each interval has its own zoo ({len(seen)} seen locations: {', '.join(seen)}; {study.runs} run(s) per "
-        f"location, {profile.zoo.warmup_steps} warm-up steps, {profile.zoo.checkpoints} checkpoints per run) and its "
+        f"location, {zoo.warmup_steps} warm-up steps, {zoo.checkpoints} checkpoints per run) and its "
         f"own generator (VAE {study.vae_steps} + denoiser {study.denoiser_steps} steps), evaluated on those "
         f"locations' test splits with {study.samples} samples from one fresh frame each."
     )
     return {"saving_interval": rows, "setup": setup}
 
 
-def seen_scaling(dataset: CCTDataset, store: Store, profile: Profile, progress: bool = True) -> list[dict]:
+def seen_scaling(
+    dataset: CCTDataset,
+    store: Store,
+    study: ScalingConfig,
+    fit_config: FitConfig,
+    config: EvalConfig,
+    progress: bool = True,
+) -> list[dict]:
     """RQ2/RQ3 accuracy of generation and of its baselines with n randomly chosen seen locations."""
-    config = profile.evaluate
-    study = config.scaling
     seen = dataset.locations("seen")
     results = load_zoo_results(store)
     rows = []
     for n in [size for size in study.sizes if size <= len(seen)]:
         for seed in study.seeds:
             chosen = sorted(random.Random(seed).sample(seen, n))
-            built_from = {"study": asdict(study), "fit": asdict(profile.fit), "seen": chosen, "seed": seed}
+            built_from = {"study": asdict(study), "fit": asdict(fit_config), "seen": chosen, "seed": seed}
             sub = study_store(store, f"scaling/n{n}_seed{seed}", built_from)
             files = [c["file"] for loc in chosen for run in results[loc] for c in run["checkpoints"]]
             done = [f"zoo/{loc}/run{run['run']}/result.json" for loc in chosen for run in results[loc]]
             if not all(sub.has(relpath) for relpath in done):
                 link(store, sub, *files, *done)
             sections = fit_and_evaluate(
-                subset(dataset, chosen, others=True), sub, profile, config, study, seed, ("rq2", "rq3"), progress
+                subset(dataset, chosen, others=True), sub, fit_config, config, study, seed, ("rq2", "rq3"), progress
             )
             rq2, rq3 = sections["rq2"]["summary"], sections["rq3"]["summary"]
             rows.append(
@@ -156,10 +194,82 @@ def seen_scaling(dataset: CCTDataset, store: Store, profile: Profile, progress: 
     return rows
 
 
-def scaling_setup(profile: Profile) -> str:
-    study = profile.evaluate.scaling
+def scaling_setup(study: ScalingConfig) -> str:
     return (
         f"Random subsets of {', '.join(map(str, study.sizes))} seen locations of the main zoo, seeds "
         f"{', '.join(map(str, study.seeds))} (subset and fit); generator fitted with VAE {study.vae_steps} + denoiser "
         f"{study.denoiser_steps} steps; {study.samples} samples per location from one fresh frame."
     )
+
+
+# -----------------------------------------------------------------------------
+# fit seeds: how much of a difference between methods is the denoiser's training noise
+
+SEED_FIELDS = ("generated_acc", "anchored_acc", "served_acc", "finetuned_acc")
+SEED_PAIRED = ("served", "anchored", "generated")
+
+
+def fit_seeds(
+    dataset: CCTDataset,
+    store: Store,
+    seeds: int,
+    fit_config: FitConfig,
+    config: EvalConfig,
+    main: dict,
+    progress: bool = True,
+) -> dict:
+    """RQ1-RQ3 with the denoiser refitted with `seeds` seeds (the first is the store's own: `main`, its report
+    sections); everything else (conditions, VAE, zoo) is the store's. -> per-seed rows, mean and spread."""
+    rows = [seed_row(fit_config.seed, main)]
+    shared = [BACKBONE_FILE, CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE, FALLBACK_FILE]
+    shared += [CONDITION_TOWER_FILE] if store.has(CONDITION_TOWER_FILE) else []
+    zoo_files = [relpath for relpath in store.manifest["files"] if relpath.startswith("zoo/")]
+    for seed in range(fit_config.seed + 1, fit_config.seed + seeds):
+        hashes = {relpath: store.manifest["files"][relpath]["sha256"] for relpath in shared}
+        built_from = {"fit": asdict(fit_config), "seed": seed, "inputs": hashes, "zoo": len(zoo_files)}
+        sub = study_store(store, f"fit_seeds/seed{seed}", built_from)
+        if not all(sub.has(relpath) for relpath in shared + zoo_files):
+            link(store, sub, *shared, *zoo_files)
+            for name in ("condition", "vae", "zoo"):
+                if name in store.manifest["components"]:
+                    sub.set_component(name, store.manifest["components"][name])
+        if not sub.has(DENOISER_FILE):
+            shapes = adapter_shapes(load_backbone(sub)[0], LoraLayout.from_dict(store.manifest["components"]["lora"]))
+            zoo, _ = load_seen_zoo(sub, shapes, list(store.manifest["components"]["condition"]["locations"]))
+            fit_denoiser(sub, zoo, replace(fit_config, seed=seed), progress)
+        sections, *_ = evaluate_store(dataset, sub, Generator.from_store(sub), config, progress=progress)
+        rows.append(seed_row(seed, sections))
+    return {"seeds": rows, "mean": seed_spread(rows, statistics.fmean), "std": seed_spread(rows, spread)}
+
+
+def seed_row(seed: int, sections: dict) -> dict:
+    row = {"seed": seed}
+    for rq in ("rq1", "rq2", "rq3"):
+        summary = sections[rq]["summary"]
+        if not summary:
+            continue
+        row[rq] = {field: summary.get(field) for field in SEED_FIELDS}
+        row[rq]["knn_blend_acc"] = summary["baselines"]["knn_blend"]
+        row[rq]["paired"] = {name: summary["paired"][name] for name in SEED_PAIRED if name in summary["paired"]}
+    return row
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def seed_spread(rows: list[dict], statistic) -> dict:
+    """`statistic` over the seeds of every accuracy and every paired difference, per role."""
+    out = {}
+    for rq in ("rq1", "rq2", "rq3"):
+        present = [row[rq] for row in rows if rq in row]
+        if not present:
+            continue
+        fields = [f for f in (*SEED_FIELDS, "knn_blend_acc") if all(p.get(f) is not None for p in present)]
+        out[rq] = {field: statistic([p[field] for p in present]) for field in fields}
+        out[rq]["paired"] = {
+            name: statistic([p["paired"][name]["diff"] for p in present])
+            for name in SEED_PAIRED
+            if all(name in p["paired"] for p in present)
+        }
+    return out

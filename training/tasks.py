@@ -1,6 +1,6 @@
 """Roles for a dataset without tasks.json, derived from label counts and backgrounds by fixed rules.
 
-Real camera-trap sets come without our `tasks.json`, so `read_cct` derives one (TaskRules):
+Real camera-trap sets come without our `tasks.json`, so `assign_roles` derives one (TaskRules):
 
 1. A location's size is its number of labelled non-empty frames (on disk, not flagged corrupt).
 2. Locations smaller than `min_frames`, and locations without any background (no file under
@@ -46,6 +46,14 @@ class TaskRules:
     interp_angle: float = 90.0  # degrees; angle A-L-B at which L counts as between A and B
     thumbnail: int = 16  # side of the thumbnails that place locations in appearance space
     samples: int = 8  # frames averaged into a location's thumbnail
+
+
+def assign_roles(dataset: CCTDataset, rules: TaskRules | None = None) -> CCTDataset:
+    """The dataset with roles: those it was read with, else derived by the rules. The derived roles are recorded in
+    its spec, so a worker that reads the spec gets them without deriving them again."""
+    if dataset.spec.tasks is not None:
+        return dataset
+    return dataset.with_roles(derive_tasks(dataset, rules), "derived tasks")
 
 
 def derive_tasks(dataset: CCTDataset, rules: TaskRules | None = None) -> dict:

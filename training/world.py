@@ -1,7 +1,7 @@
 """The synthetic camera-trap world: `wildpdiff world --profile demo --out data/demo`.
 
 No real camera-trap data can be downloaded here, so the default pipeline runs on a procedural world
-written in the COCO Camera Traps layout (DESIGN.md section 3). It is built to make the paper's three
+written in the COCO Camera Traps layout (docs/design.md, data). It is built to make the paper's three
 research questions meaningful:
 
 - a location is a vector of continuous appearance parameters (`Appearance`): colour cast (hue
@@ -30,8 +30,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 from tqdm import tqdm
-
-CATEGORIES = ["empty", "red_plain", "green_plain", "blue_plain", "yellow_striped", "yellow_spotted", "tall_magenta"]
 
 # Species look: (hue in degrees, pattern, shape). Hue 0/120/240 are one hue rotation of 120 degrees
 # apart, so a location's colour cast pushes one towards the next.
@@ -95,12 +93,13 @@ SEEN_RANGES = {
     "scale": (0.8, 1.3),
     "empty_share": (0.15, 0.4),
 }
-# What an unseen location does beyond the seen family (one shift each, cycled).
+# What an unseen location does beyond the seen family: four kinds of shift, each at a mild and a strong
+# magnitude; location i takes kind i % 4 at magnitude (i // 4) % 2.
 UNSEEN_SHIFTS = (
-    {"hue_abs": (70.0, 90.0)},
-    {"blur": (1.6, 2.0), "saturation": (0.3, 0.4)},
-    {"contrast": (0.3, 0.4), "brightness": (1.5, 1.7)},
-    {"ir_share": (0.7, 0.9), "noise": (0.06, 0.08)},
+    ({"hue_abs": (58.0, 66.0)}, {"hue_abs": (75.0, 90.0)}),
+    ({"blur": (1.0, 1.3), "saturation": (0.42, 0.5)}, {"blur": (1.6, 2.0), "saturation": (0.3, 0.4)}),
+    ({"contrast": (0.42, 0.5), "brightness": (1.35, 1.45)}, {"contrast": (0.3, 0.4), "brightness": (1.5, 1.7)}),
+    ({"ir_share": (0.45, 0.6), "noise": (0.055, 0.065)}, {"ir_share": (0.7, 0.9), "noise": (0.06, 0.08)}),
 )
 
 
@@ -111,8 +110,8 @@ class WorldConfig:
     n_pretrain: int = 8  # pretrain locations, each frame a fresh random scene
     pretrain_frames: int = 1200  # frames per pretrain location
     n_seen: int = 40
-    n_interp: int = 8  # half near pairs, half far pairs
-    n_unseen: int = 4
+    n_interp: int = 24  # half near pairs, half far pairs
+    n_unseen: int = 16  # every kind of shift at two magnitudes (UNSEEN_SHIFTS)
     train_frames: int = 256  # per seen / interp / unseen location
     val_frames: int = 96
     test_frames: int = 192
@@ -172,8 +171,9 @@ def sample_pretrain_scene(rng: np.random.Generator, max_hue: float) -> Appearanc
 
 
 def sample_unseen(rng: np.random.Generator, index: int) -> Appearance:
+    kind = UNSEEN_SHIFTS[index % len(UNSEEN_SHIFTS)]
     ranges = dict(SEEN_RANGES)
-    ranges.update(UNSEEN_SHIFTS[index % len(UNSEEN_SHIFTS)])
+    ranges.update(kind[(index // len(UNSEEN_SHIFTS)) % len(kind)])
     return sample_seen(rng, ranges, band=None)
 
 
@@ -186,7 +186,8 @@ def interp_pairs(seen: list[Appearance], n_pairs: int, rng: np.random.Generator)
     """Half near pairs (high similarity), half far pairs (low similarity).
 
     Pairs with opposite colour casts are skipped: their midpoint is a neutral location that the
-    pretrained backbone already solves, which would make interpolation look easy.
+    pretrained backbone already solves, which would make interpolation look easy. A seen location joins at
+    most `ceil(2 n_pairs / n_seen)` pairs, so many pairs spread over the whole seen family.
     """
     points = _normalised(seen)
     dist = np.linalg.norm(points[:, None] - points[None], axis=-1)
@@ -199,16 +200,17 @@ def interp_pairs(seen: list[Appearance], n_pairs: int, rng: np.random.Generator)
     candidates.sort()
     n_near = (n_pairs + 1) // 2
     chosen: list[tuple[int, int, str]] = []
-    used: set[int] = set()
+    uses = np.zeros(len(seen), dtype=int)
+    cap = max(1, -(-2 * n_pairs // len(seen)))
     for similarity, pool in (("high", candidates), ("low", candidates[::-1])):
         quota = n_near if similarity == "high" else n_pairs - n_near
         for _, i, j in pool:
             if quota == 0:
                 break
-            if i in used or j in used:
+            if uses[i] >= cap or uses[j] >= cap or (i, j, "high") in chosen:
                 continue
             chosen.append((i, j, similarity))
-            used.update((i, j))
+            uses[[i, j]] += 1
             quota -= 1
     return chosen
 

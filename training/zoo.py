@@ -31,10 +31,10 @@ import torch
 from tqdm import tqdm
 
 from model_store.backbone import BackboneConfig, load_backbone, normalize
-from model_store.lora import LoraLayout, adapted_logits, init_adapter
-from model_store.store import Store, atomic_save_tensors
+from model_store.lora import LoraLayout, adapted_logits, adapter_accuracy, flatten, init_adapter
+from model_store.store import Store, StoreError, atomic_save_tensors
 from training.common import augment, seed_everything
-from training.data import CCTDataset, read_cct
+from training.data import CCTDataset, DataError, DatasetSpec, read_dataset
 
 
 @dataclass
@@ -54,7 +54,7 @@ class ZooConfig:
 
 @dataclass
 class RunJob:
-    data: str
+    spec: DatasetSpec  # the parent's resolved spec: the worker reads the same classes, labels and roles
     store: str
     location: str
     role: str
@@ -64,7 +64,6 @@ class RunJob:
     config: ZooConfig
     layout: LoraLayout
     backbone: BackboneConfig
-    tasks: dict  # the dataset's roles, so a worker reads the same dataset without deriving them again
 
 
 def run_dir(folder: str, location: str, run: int) -> str:
@@ -80,7 +79,7 @@ def plan_jobs(dataset: CCTDataset, store: Store, config: ZooConfig, layout: Lora
                 seed = config.seed * 1_000_003 + hash_location(location) * 101 + run
                 jobs.append(
                     RunJob(
-                        str(dataset.root),
+                        dataset.spec,
                         str(store.root),
                         location,
                         role,
@@ -90,7 +89,6 @@ def plan_jobs(dataset: CCTDataset, store: Store, config: ZooConfig, layout: Lora
                         config,
                         layout,
                         backbone,
-                        dataset.tasks,
                     )
                 )
     return jobs
@@ -136,25 +134,15 @@ def finetune(
     return {k: v.detach() for k, v in state.items()}
 
 
-@torch.no_grad()
-def adapter_accuracy(model, state, layout, backbone, pixels, labels, batch_size: int = 512) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        logits = adapted_logits(model, state, layout, normalize(pixels[i : i + batch_size], backbone))
-        correct += (logits.argmax(-1) == labels[i : i + batch_size]).sum().item()
-    return correct / len(labels)
-
-
 def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
     """Worker: one fine-tuning run; writes its checkpoints, returns their paths and the run's result."""
     torch.set_num_threads(1)
     store = Store(job.store)
     model, _ = load_backbone(store)
-    dataset = read_cct(job.data, tasks=job.tasks)
+    dataset = read_dataset(job.spec)
     size = job.backbone.image_size
     train, val, test = (dataset.load(job.location, split, size) for split in ("train", "val", "test"))
+    val, test = ((normalize(pixels, job.backbone), labels) for pixels, labels in (val, test))  # scored many times
     folder = run_dir(job.folder, job.location, job.run)
     written, checkpoints = [], []
     start = time.perf_counter()
@@ -168,8 +156,8 @@ def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
             {
                 "file": relpath,
                 "step": step,
-                "val_acc": adapter_accuracy(model, state, job.layout, job.backbone, *val),
-                "test_acc": adapter_accuracy(model, state, job.layout, job.backbone, *test),
+                "val_acc": adapter_accuracy(model, state, job.layout, *val),
+                "test_acc": adapter_accuracy(model, state, job.layout, *test),
             }
         )
 
@@ -180,9 +168,10 @@ def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
         "role": job.role,
         "run": job.run,
         "seed": job.seed,
+        "labels_sha256": dataset.label_digest(job.location),
         "seconds": time.perf_counter() - start,
-        "pretrain_val_acc": adapter_accuracy(model, empty, job.layout, job.backbone, *val),
-        "pretrain_test_acc": adapter_accuracy(model, empty, job.layout, job.backbone, *test),
+        "pretrain_val_acc": adapter_accuracy(model, empty, job.layout, *val),
+        "pretrain_test_acc": adapter_accuracy(model, empty, job.layout, *test),
         "checkpoints": checkpoints,
     }
     return job, written, result
@@ -201,6 +190,11 @@ def collect_zoo(
         context = multiprocessing.get_context("spawn")
         with context.Pool(min(config.workers, len(todo))) as pool:
             for job, written, result in pool.imap_unordered(_run, todo):
+                if result["labels_sha256"] != dataset.label_digest(job.location):
+                    raise DataError(
+                        f"the zoo worker of {job.location!r} read other frames or labels than this process; "
+                        "was the dataset changed while the zoo ran?"
+                    )
                 store.register(*written)
                 store.save_json(f"{run_dir(job.folder, job.location, job.run)}/result.json", result)
                 bar.update()
@@ -216,3 +210,49 @@ def load_zoo_results(store: Store, folder: str = "zoo") -> dict[str, list[dict]]
             result = store.load_json(relpath)
             results.setdefault(result["location"], []).append(result)
     return results
+
+
+# -----------------------------------------------------------------------------
+# the one reader of a finished zoo: fit trains on it, evaluation and bench compare with it
+
+
+@dataclass
+class Zoo:
+    """The seen locations' checkpoints (the generator's training set) as flat vectors."""
+
+    locations: list[str]
+    vectors: torch.Tensor  # (C, P) every checkpoint of every run
+    owner: torch.Tensor  # (C,) index into `locations`
+
+    def __post_init__(self) -> None:
+        self.means = torch.stack([self.of(loc).mean(0) for loc in self.locations])  # (L, P)
+        # Distances and noise are measured per coordinate in z-score units, as the parameter VAE sees them.
+        self.scale = self.vectors.std(0).clamp_min(1e-8) if len(self.vectors) > 1 else torch.ones_like(self.means[0])
+
+    def of(self, location: str) -> torch.Tensor:
+        return self.vectors[self.owner == self.locations.index(location)]
+
+    def mean_of(self, location: str) -> torch.Tensor:
+        return self.means[self.locations.index(location)]
+
+
+def load_seen_zoo(
+    store: Store, shapes: dict[str, tuple[int, ...]], seen: list[str], folder: str = "zoo"
+) -> tuple[Zoo, dict[str, list[dict]]]:
+    """The checkpoints of the `seen` locations, in that order, and every run result by location."""
+    results = load_zoo_results(store, folder)
+    missing = [location for location in seen if location not in results]
+    if len(missing) == len(seen):
+        raise StoreError(f"{store.root}: no LoRA zoo for the seen locations; run `wildpdiff zoo` first")
+    if missing:
+        raise StoreError(
+            f"{store.root}: the zoo is incomplete ({len(missing)} of {len(seen)} seen locations have no finished "
+            f"run, first {missing[0]!r}); rerun `wildpdiff zoo` to finish it"
+        )
+    vectors, owner = [], []
+    for index, location in enumerate(seen):
+        for run in results[location]:
+            for checkpoint in run["checkpoints"]:
+                vectors.append(flatten(store.load_tensors(checkpoint["file"]), shapes))
+                owner.append(index)
+    return Zoo(list(seen), torch.stack(vectors), torch.tensor(owner)), results

@@ -71,7 +71,7 @@ def test_fallback_serves_the_nearest_location_mean_adapter(strict, strict_store,
 
 def test_fallback_without_stored_adapters_serves_the_base_model(strict_store, location_frames):
     with TestClient(create_app(Settings(store=strict_store, default_steps=5, _env_file=None))) as client:
-        client.app.state.runtime.fallback = None  # as a store fitted before fallback adapters were stored
+        client.app.state.runtime.generator.location_means = None  # as a store fitted before they were stored
         response = post(client, location_frames[2], policy="fallback")
     assert response.status_code == 200 and response.headers["X-Policy-Applied"] == "fallback-base"
     state, metadata = load_adapter_bytes(response.content)

@@ -1,10 +1,11 @@
 """A small camera-trap set in the shape real CCT data comes in, and a tiny open_clip model saved to a local file.
 
-`build_cct(root)` writes JPEGs of several sizes (one location mixes two cameras), string and integer
-ids and locations (some with characters that cannot name a folder), an empty class called "Blank" with
-id 7 and no category 0, labels given once per sequence, night frames, and one image each that is flagged
-corrupt, missing on disk, truncated, or without a label. No tasks.json, no backgrounds/. It returns what
-a reader should find.
+`build_cct(root)` writes JPEGs of several sizes (one location mixes two cameras) under `images/`, with
+`file_name`s relative to that folder as LILA ships them; string and integer ids and locations (some with
+characters that cannot name a folder); many categories listed out of id order, most without frames, and
+an empty class called "Blank" with id 7 and no category 0; labels given once per sequence, night frames,
+and one image each that is flagged corrupt, missing on disk, truncated, or without a label. No
+tasks.json, no backgrounds/. It returns what a reader should find.
 
 Ten locations are big enough to get a role; they are ranked by their number of animal frames (30, 29,
 ..., 21), so the dealing pattern makes ranks 0, 1, 3, 5, 6, 8 seen, 2 and 7 pretrain, 4 and 9 held out.
@@ -20,13 +21,29 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-CATEGORIES = [
-    {"id": 1, "name": "zebra"},
-    {"id": 2, "name": "gazelle"},
+FRAMELESS = {  # categories that no frame is labelled with
+    3: "hyena",
+    5: "impala",
+    6: "warthog",
+    8: "topi",
+    9: "eland",
+    10: "buffalo",
+    11: "giraffe",
+    12: "ostrich",
+    13: "baboon",
+    14: "cheetah",
+    15: "hartebeest",
+    16: "wildebeest",
+    17: "elephant",
+}
+CATEGORIES = [  # listed out of id order, as the reader must not rely on it
     {"id": 4, "name": "lion"},
+    *({"id": k, "name": name} for k, name in sorted(FRAMELESS.items(), reverse=True)),
     {"id": 7, "name": "Blank"},
+    {"id": 2, "name": "gazelle"},
+    {"id": 1, "name": "zebra"},
 ]
-CLASSES = ["empty", "zebra", "gazelle", "lion"]
+CLASSES = ["empty", *(name for _, name in sorted({1: "zebra", 2: "gazelle", 4: "lion", **FRAMELESS}.items()))]
 COLOURS = {1: (250, 250, 250), 2: (150, 90, 40), 4: (230, 190, 60)}  # category id -> animal colour
 SIZES = [(64, 48), (80, 60), (48, 48)]  # (width, height) per location, cycled
 RAW_LOCATIONS = ["ngare nanyuki/1", "B03", 17, "B05", "mid B03", "K11", "L12", 9, "M14", "pink"]
@@ -70,9 +87,9 @@ def build_cct(root: Path) -> dict:
 
     def add(location, rank, index, size, category, *, hour=12, seq=None, annotate=True, **extra) -> dict:
         image_id = index if rank % 2 == 0 else f"img-{index}"  # integer and string ids
-        file_name = f"images/{rank}/{index:04d}.jpg"
-        (root / file_name).parent.mkdir(parents=True, exist_ok=True)
-        frame(rank, size, None if category == 7 else category, rng).save(root / file_name, quality=90)
+        file_name = f"{rank}/{index:04d}.jpg"  # relative to images/
+        (root / "images" / file_name).parent.mkdir(parents=True, exist_ok=True)
+        frame(rank, size, None if category == 7 else category, rng).save(root / "images" / file_name, quality=90)
         image = {
             "id": image_id,
             "file_name": file_name,
@@ -111,10 +128,10 @@ def build_cct(root: Path) -> dict:
     # one each: flagged corrupt, missing on disk, truncated on disk, without a label
     add("B03", 1, index, SIZES[1], 1, corrupt=True)
     add("B03", 1, index + 1, SIZES[1], 1)
-    (root / images[-1]["file_name"]).unlink()
+    (root / "images" / images[-1]["file_name"]).unlink()
     add("B03", 1, index + 2, SIZES[1], 2)
-    data = (root / images[-1]["file_name"]).read_bytes()
-    (root / images[-1]["file_name"]).write_bytes(data[: len(data) // 3])
+    data = (root / "images" / images[-1]["file_name"]).read_bytes()
+    (root / "images" / images[-1]["file_name"]).write_bytes(data[: len(data) // 3])
     add("B03", 1, index + 3, SIZES[1], 2, annotate=False)
 
     coco = {"info": {"version": "1", "description": "test set"}, "images": images, "annotations": annotations}

@@ -72,6 +72,33 @@ def test_missing_and_corrupt_images_are_skipped_and_counted(world_copy, smoke_wo
     assert "skipped 3" in dataset.summary()
 
 
+def test_most_files_missing_stops_with_the_folder_and_count(world_copy):
+    def rename(coco):
+        for image in coco["images"][: len(coco["images"]) * 3 // 5]:
+            image["file_name"] = image["file_name"].replace(".png", "-gone.png")  # in folders that exist
+
+    _edit(world_copy, "annotations.json", rename)
+    listed = len(json.loads((world_copy / "annotations.json").read_text())["images"])
+    with pytest.raises(DataError, match=rf"{listed * 3 // 5} of {listed} listed image files are missing under "):
+        read_cct(world_copy)
+
+
+def test_files_in_folders_that_are_absent_are_skipped(world_copy):
+    """Metadata of more seasons than were downloaded: their frames are missing, the rest is read."""
+
+    def add_season(coco):
+        images = [dict(image, id=f"S2-{image['id']}", file_name=f"S2/{image['file_name']}") for image in coco["images"]]
+        coco["annotations"] += [
+            dict(a, id=f"S2-{a['id']}", image_id=f"S2-{a['image_id']}") for a in coco["annotations"]
+        ]
+        coco["images"] += images
+
+    listed = len(json.loads((world_copy / "annotations.json").read_text())["images"])
+    _edit(world_copy, "annotations.json", add_season)
+    dataset = read_cct(world_copy)
+    assert dataset.missing == listed and sum(len(v) for v in dataset.frames.values()) == listed
+
+
 def test_cli_reports_bad_data_without_traceback(tmp_path, capsys):
     assert main(["pretrain", "--data", str(tmp_path), "--store", str(tmp_path / "s"), "--profile", "smoke"]) == 2
     err = capsys.readouterr().err

@@ -1,6 +1,6 @@
 import json
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -12,13 +12,14 @@ from model_store.backbone import load_backbone
 from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
 from model_store.generator import SCHEDULER_FILE, Generator
-from model_store.lora import flatten
+from model_store.lora import LoraLayout, adapter_shapes, flatten
 from model_store.store import MANIFEST, Store, StoreError
 from model_store.vae import VAE_FILE
 from training.cli import main
 from training.data import read_cct
-from training.fit import denoiser_is_current, fit, fit_vae, load_seen_zoo
+from training.fit import COMPONENT_FIELDS, SPEED_ONLY, FitConfig, fit, fit_vae, is_current
 from training.profiles import get_profile
+from training.zoo import load_seen_zoo
 
 
 def copy_store(source, tmp_path):
@@ -51,12 +52,18 @@ def test_fit_writes_every_artifact_with_its_config(smoke_store, smoke_world):
     assert 0.5 < components["vae"]["latent_std"] < 2.0  # pinned scale
 
 
+def seen_zoo(dataset, store):
+    classifier = load_backbone(store)[0]
+    shapes = adapter_shapes(classifier, LoraLayout.from_dict(store.manifest["components"]["lora"]))
+    return load_seen_zoo(store, shapes, dataset.locations("seen"))[0]
+
+
 def test_only_seen_locations_train_the_generator(smoke_store, smoke_world):
     dataset = read_cct(smoke_world)
     store = Store(smoke_store)
     components = store.manifest["components"]
     assert components["condition"]["locations"] == dataset.locations("seen")
-    zoo = load_seen_zoo(dataset, store, load_backbone(store)[0])
+    zoo = seen_zoo(dataset, store)
     assert components["vae"]["checkpoints"] == len(zoo.vectors)
     conditions = store.load_tensors(CONDITIONS_FILE)
     assert conditions["location"].max().item() == len(dataset.locations("seen")) - 1
@@ -70,21 +77,29 @@ def test_a_rerun_skips_finished_components(smoke_store, smoke_world):
     assert (smoke_store / MANIFEST).read_bytes() == before
 
 
+def test_every_fit_setting_belongs_to_a_component():
+    """A new FitConfig field must join a component's key (or be declared speed-only), or this fails."""
+    owned = {name for names in COMPONENT_FIELDS.values() for name in names} | set(SPEED_ONLY)
+    assert owned == {field.name for field in fields(FitConfig)}
+
+
 def test_a_new_vae_makes_the_denoiser_stale(smoke_store, smoke_world, tmp_path):
     root = copy_store(smoke_store, tmp_path)
     dataset, store = read_cct(smoke_world), Store(root)
-    config = replace(get_profile("smoke").fit, vae_steps=3, denoiser_steps=3, seed=5)
-    fit_vae(store, load_seen_zoo(dataset, store, load_backbone(store)[0]), config, progress=False)
-    assert not denoiser_is_current(store, config)
-    assert list(fit(dataset, store, config, progress=False)) == ["denoiser"]
-    assert denoiser_is_current(store, config)
+    config = get_profile("smoke").fit
+    zoo_files = [name for name in store.manifest["files"] if name.startswith("zoo/S") and name.endswith(".safetensors")]
+    denoiser_files = [DENOISER_FILE, SCHEDULER_FILE]
+    assert is_current(store, config, "denoiser", denoiser_files, zoo_files)
+    fit_vae(store, seen_zoo(dataset, store), replace(config, vae_steps=3), False, zoo_files)
+    assert not is_current(store, config, "denoiser", denoiser_files, zoo_files)
+    assert list(fit(dataset, store, replace(config, vae_steps=3), progress=False)) == ["denoiser"]
 
 
 def test_changed_settings_refit_only_that_component(smoke_store, smoke_world, tmp_path):
     root = copy_store(smoke_store, tmp_path)
     config = replace(get_profile("smoke").fit, denoiser_steps=3)
     assert list(fit(read_cct(smoke_world), Store(root), config, progress=False)) == ["denoiser"]
-    assert Store(root).manifest["components"]["denoiser"]["settings"]["steps"] == 3
+    assert Store(root).manifest["components"]["denoiser"]["settings"]["denoiser_steps"] == 3
 
 
 def test_force_refits_everything(smoke_store, smoke_world, tmp_path):

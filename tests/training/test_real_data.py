@@ -1,5 +1,6 @@
 """Real camera-trap data: CCT ingestion, derived tasks, median backgrounds, pretrained towers from local files,
-and `wildpdiff pipeline` end to end, on the small real-shaped set of `tests/training/real_data.py`."""
+and `wildpdiff pipeline` end to end with a class subset, on the small real-shaped set of
+`tests/training/real_data.py`."""
 
 import json
 from collections import Counter
@@ -10,12 +11,21 @@ from open_clip.constants import OPENAI_DATASET_MEAN
 from PIL import Image
 from safetensors.torch import load_file
 
-from model_store.backbone import build_classifier, load_backbone, load_open_clip_tower, open_clip_backbone
+from model_store.backbone import (
+    build_classifier,
+    load_backbone,
+    load_open_clip_tower,
+    normalize,
+    open_clip_backbone,
+)
+from model_store.lora import LoraLayout, adapter_accuracy
 from model_store.store import Store
 from tests.training.real_data import CLASSES, build_cct, save_tiny_open_clip, scene
 from training.backgrounds import BackgroundConfig, median_image, write_backgrounds
 from training.cli import main
-from training.data import DataError, read_cct, scan_cct
+from training.data import DataError, DatasetSpec, read_cct, read_dataset
+from training.tasks import assign_roles
+from training.zoo import load_zoo_results
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +46,13 @@ def listing(root):
 def test_reads_what_real_cct_data_holds(cct):
     root, expected = cct
     dataset = read_cct(root)
+    assert dataset.spec.images == root / "images"  # file_names are relative to images/, found without --images
     assert dataset.categories == CLASSES  # "Blank" (id 7, no id 0) became class 0
     assert sorted(dataset.frames) == sorted(expected["locations"])  # "ngare nanyuki/1" -> "ngare_nanyuki_1", 17 -> "17"
     assert (dataset.corrupt, dataset.missing, dataset.unlabelled) == (1, 1, 1)
     # sequence-level labels reach every frame: 27 animal frames in sequences of three, 8 empty frames
-    assert Counter(f.label for f in dataset.frames["B05"]) == {1: 9, 2: 9, 3: 9, 0: 8}
+    animals = {CLASSES.index(name): 9 for name in ("zebra", "gazelle", "lion")}
+    assert Counter(f.label for f in dataset.frames["B05"]) == {**animals, 0: 8}
     pixels, labels = dataset.load(expected["truncated_at"], None, 32)  # frames of 80x60 px -> 32x32
     assert pixels.shape == (len(dataset.frames["B03"]) - 1, 3, 32, 32) and len(labels) == len(pixels)
     assert dataset.unreadable["B03"] == 1
@@ -74,13 +86,15 @@ def test_a_class_list_keeps_those_categories_in_its_order(cct, tmp_path, capsys)
 
 def test_tasks_are_derived_by_the_documented_rules(cct):
     root, expected = cct
-    dataset = read_cct(root)
+    dataset = assign_roles(read_cct(root))
     for role in ("pretrain", "seen", "interp", "unseen"):
         assert dataset.locations(role) == expected[role], role
     a, b, similarity = dataset.tasks["interp_sources"]["mid_B03"]
     assert {a, b} == set(expected["interp_sources"]) and similarity in ("high", "low")
     assert dataset.tasks["derived"]["animal_frames"]["tiny"] == 5
     assert any(note.startswith("tasks derived from label counts") for note in dataset.notes)
+    assert dataset.spec.tasks == dataset.tasks  # a worker reading the spec gets these roles without deriving them
+    assert read_dataset(dataset.spec).tasks == dataset.tasks
 
 
 def test_explicit_tasks_override_and_are_checked(cct):
@@ -89,6 +103,19 @@ def test_explicit_tasks_override_and_are_checked(cct):
     assert dataset.locations("seen") == ["B03", "ngare_nanyuki_1"] and dataset.locations("interp") == []
     with pytest.raises(DataError, match="more than one role"):
         read_cct(root, tasks={"pretrain": ["17"], "seen": ["17", "B03"]})
+
+
+def test_a_wrong_image_folder_is_named_before_roles_are_derived(cct, tmp_path, capsys):
+    root, _ = cct
+    dataset = read_cct(root)
+    listed = sum(len(frames) for frames in dataset.frames.values()) + dataset.missing
+    store = tmp_path / "store"
+    argv = ["pretrain", "--data", str(root), "--images", str(root), "--store", str(store), "--profile", "smoke"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {listed} of {listed} listed image files are missing under {root} ")
+    assert "pass --images DIR" in err and err.count("\n") == 1
+    assert not store.exists()
 
 
 @pytest.mark.parametrize(
@@ -108,7 +135,7 @@ def test_empty_categories_merge_into_class_zero(tmp_path, categories, classes):
     annotations = [{"id": i, "image_id": i, "category_id": c["id"]} for i, c in enumerate(categories)]
     coco = {"images": images, "annotations": annotations, "categories": categories}
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
-    dataset = scan_cct(tmp_path)
+    dataset = read_cct(tmp_path)
     assert dataset.categories == classes
     empties = sum(c["name"].lower() in ("empty", "blank", "no_animal") for c in categories)
     assert sum(f.label == 0 for f in dataset.frames["L"]) == empties
@@ -205,25 +232,46 @@ def test_pretrain_on_derived_tasks_with_a_local_open_clip_tower(cct, tiny_clip, 
 
 
 def test_pipeline_end_to_end_on_real_shaped_data(cct, tiny_clip, tmp_path):
-    """`wildpdiff pipeline --profile smoke` with a local open_clip tower; few locations keep it short."""
-    pytest.importorskip("training.pipeline")  # the pipeline stage lands separately (evaluation issue)
+    """`wildpdiff pipeline --profile smoke` with a local open_clip tower and a class subset in another order than the
+    categories; few locations keep it short. Every zoo worker saw the parent's labels: its recorded accuracies are
+    reproduced on the parent's frames."""
     root, _ = cct
     config_file, weights = tiny_clip
-    tasks = tmp_path / "tasks.json"
+    tasks, classes = tmp_path / "tasks.json", tmp_path / "classes.json"
     roles = {"pretrain": [17], "seen": ["B03", "ngare nanyuki/1"], "interp": ["mid B03"], "unseen": ["pink"]}
     tasks.write_text(json.dumps(roles))
+    classes.write_text(json.dumps(["lion", "zebra"]))  # zebra is id 1 and lion id 4: the kept order is not the ids'
     store_root = tmp_path / "store"
     argv = ["pipeline", "--data", str(root), "--store", str(store_root), "--profile", "smoke", "--quiet"]
-    argv += ["--tasks", str(tasks), "--backbone", str(config_file), "--backbone-weights", str(weights)]
+    argv += ["--tasks", str(tasks), "--classes", str(classes)]
+    argv += ["--backbone", str(config_file), "--backbone-weights", str(weights)]
     argv += ["--condition", str(config_file), "--condition-weights", str(weights)]
     assert main(argv) == 0
     store = Store.open(store_root)
+    assert store.manifest["classes"] == ["empty", "lion", "zebra"]
     assert store.manifest["components"]["condition"]["config"]["source"] == "open_clip"
     assert store.has("condition_tower.safetensors")  # the store keeps its own copy of the condition tower
     report = store.load_json("report/report.json")
     assert [t["task"] for t in report["rq1"]["per_task"]] == ["B03", "ngare_nanyuki_1"]
     assert [t["task"] for t in report["rq2"]["per_task"]] == ["mid_B03"]
     assert [t["task"] for t in report["rq3"]["per_task"]] == ["pink"]
+
+    parent = read_dataset(DatasetSpec(root, tasks=tasks, classes=classes))
+    assert read_dataset(DatasetSpec.of_store(root, store)).categories == parent.categories  # what bench/ reads
+    model, config = load_backbone(store)
+    layout = LoraLayout.from_dict(store.manifest["components"]["lora"])
+    results = load_zoo_results(store)
+    assert sorted(results) == ["B03", "mid_B03", "ngare_nanyuki_1", "pink"]
+    for location, runs in results.items():
+        splits = {split: parent.load(location, split, config.image_size) for split in ("val", "test")}
+        for run in runs:
+            assert run["labels_sha256"] == parent.label_digest(location), location
+            for checkpoint in run["checkpoints"]:
+                state = store.load_tensors(checkpoint["file"])
+                for split, (pixels, labels) in splits.items():
+                    scored = adapter_accuracy(model, state, layout, normalize(pixels, config), labels)
+                    assert abs(scored - checkpoint[f"{split}_acc"]) < 1e-6, (location, checkpoint["file"], split)
+
     weights.rename(weights.with_suffix(".moved"))  # the store needs neither original checkpoint
     try:
         assert main(["generate", "--store", str(store_root), "--background", str(next(root.rglob("*.jpg"))),

@@ -71,3 +71,21 @@ def test_interp_locations_mix_their_sources_and_unseen_leave_the_seen_family():
             a.ir_share > SEEN_RANGES["ir_share"][1],
         ]
         assert any(outside), loc.name
+
+
+def test_the_demo_world_has_the_power_to_compare_methods():
+    """>= 24 interp locations (half high-, half low-similarity pairs), >= 16 unseen: every shift at two magnitudes."""
+    from training.world import UNSEEN_SHIFTS
+
+    locations = plan_locations(get_profile("demo").world)
+    interp = [loc for loc in locations if loc.role == "interp"]
+    unseen = [loc for loc in locations if loc.role == "unseen"]
+    assert len(interp) >= 24 and len(unseen) >= 16
+    assert sorted(loc.sources[2] for loc in interp).count("high") == len(interp) // 2
+    assert len({loc.sources[:2] for loc in interp}) == len(interp)  # no pair twice
+    kinds = [(i % len(UNSEEN_SHIFTS), (i // len(UNSEEN_SHIFTS)) % 2) for i in range(len(unseen))]
+    assert set(kinds) == {(k, m) for k in range(len(UNSEEN_SHIFTS)) for m in range(2)}
+    for i, location in enumerate(unseen):  # each lies beyond the seen range on its shift's axes
+        for name, (low, high) in UNSEEN_SHIFTS[i % len(UNSEEN_SHIFTS)][(i // len(UNSEEN_SHIFTS)) % 2].items():
+            value = abs(location.appearance.hue) if name == "hue_abs" else getattr(location.appearance, name)
+            assert low <= value <= high

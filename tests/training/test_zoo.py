@@ -9,12 +9,12 @@ import time
 import peft
 from safetensors.torch import load_file
 
-from model_store.backbone import load_backbone
-from model_store.lora import LoraLayout, attach_lora
+from model_store.backbone import load_backbone, normalize
+from model_store.lora import LoraLayout, adapter_accuracy, attach_lora
 from model_store.store import Store
 from training.data import read_cct
 from training.profiles import get_profile
-from training.zoo import adapter_accuracy, load_zoo_results
+from training.zoo import ZooConfig, load_zoo_results, plan_jobs
 
 
 def test_zoo_covers_every_location_with_its_runs(smoke_zoo_store, smoke_world):
@@ -25,14 +25,24 @@ def test_zoo_covers_every_location_with_its_runs(smoke_zoo_store, smoke_world):
         assert len(results[location]) == zoo.runs
     for location in dataset.locations("interp") + dataset.locations("unseen"):
         assert len(results[location]) == zoo.reference_runs
-    for runs in results.values():
+    for location, runs in results.items():
         for run in runs:
+            assert run["labels_sha256"] == dataset.label_digest(location)  # the worker saw the parent's labels
             assert [c["step"] for c in run["checkpoints"]] == [
                 zoo.warmup_steps + k * zoo.interval for k in range(1, zoo.checkpoints + 1)
             ]
     # Independent runs of one location are different adapters.
     a, b = (load_file(smoke_zoo_store / r["checkpoints"][-1]["file"]) for r in results[dataset.locations("seen")[0]])
     assert any((a[k] - b[k]).abs().max() > 1e-4 for k in a)
+
+
+def test_every_job_carries_the_parents_resolved_spec(smoke_zoo_store, smoke_world):
+    dataset = read_cct(smoke_world, classes=["blue_plain", "red_plain"])
+    store = Store(smoke_zoo_store)
+    jobs = plan_jobs(dataset, store, ZooConfig(), LoraLayout.from_dict(store.manifest["components"]["lora"]))
+    assert jobs and all(job.spec == dataset.spec for job in jobs)
+    assert dataset.spec.classes == ("blue_plain", "red_plain") and dataset.spec.tasks == dataset.tasks
+    assert dataset.spec.images == smoke_world
 
 
 def test_checkpoints_load_into_peft_and_reproduce_their_accuracy(smoke_zoo_store, smoke_world):
@@ -51,7 +61,8 @@ def test_checkpoints_load_into_peft_and_reproduce_their_accuracy(smoke_zoo_store
     assert len(lora_params) == len(state)
 
     test = read_cct(smoke_world).load(location, "test", config.image_size)
-    assert abs(adapter_accuracy(model, state, layout, config, *test) - checkpoint["test_acc"]) < 1e-6
+    scored = adapter_accuracy(model, state, layout, normalize(test[0], config), test[1])
+    assert abs(scored - checkpoint["test_acc"]) < 1e-6
     assert max(c["test_acc"] for c in run["checkpoints"]) >= run["pretrain_test_acc"]
 
 

@@ -19,17 +19,13 @@ import statistics
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
-from model_store.condition import is_night, split_backgrounds
+from model_store.condition import is_night
 from model_store.generator import DEFAULT_FRAME_RULE, FRAME_RULES
 from training.data import CCTDataset
-
-
-@dataclass
-class RepresentationConfig:
-    frames: int = 4  # held-out background frames per location for the multi-frame rows
-    samples: int = 5  # adapters per location and variant
+from training.evaluation.config import RepresentationConfig
+from training.evaluation.scoring import Scorer
+from training.evaluation.targets import held_out_frames
 
 
 @dataclass
@@ -37,13 +33,6 @@ class Variant:
     name: str
     frames: int  # background frames per request
     rule: str  # Generator.condition's rule
-
-
-def held_out_frames(dataset: CCTDataset, location: str) -> list[Image.Image]:
-    """A location's held-out background frames (never seen by the generator), readable ones, RGB."""
-    from training.evaluate import read_frames  # here: evaluate imports this module's config
-
-    return read_frames(split_backgrounds(dataset.backgrounds(location))[1])
 
 
 def variants(config: RepresentationConfig) -> list[Variant]:
@@ -55,9 +44,7 @@ def variants(config: RepresentationConfig) -> list[Variant]:
 def evaluate_representation(
     dataset: CCTDataset, generator, tasks: dict, steps: int, config: RepresentationConfig
 ) -> list[dict]:
-    """`tasks`: role -> that role's `Task`s (evaluate.py, with val and test frames) -> report rows."""
-    from training.evaluate import Scorer  # here: evaluate imports this module's config
-
+    """`tasks`: role -> that role's `Task`s (`training.evaluation.targets`, with val and test frames) -> report rows."""
     scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
     seeds = list(range(config.samples))
 

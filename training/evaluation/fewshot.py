@@ -15,22 +15,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
 
 from model_store.adapt import FewShotConfig, adapt
 from training.data import CCTDataset
+from training.evaluation.config import FewShotEvalConfig
+from training.evaluation.scoring import Scorer, load_frames
 
 ROLES = {"interp": "rq2", "unseen": "rq3"}
-
-
-@dataclass
-class FewShotEvalConfig:
-    shots: tuple[int, ...] = (1, 5, 10)  # labelled frames per class
-    candidates: int = 16
-    refine_steps: tuple[int, ...] = (0, 10, 30, 100)  # options; the one with the best val accuracy is reported
-    seed: int = 0
 
 
 def draw_shots(labels: torch.Tensor, per_class: int, generator: torch.Generator) -> torch.Tensor:
@@ -46,14 +39,12 @@ def evaluate_fewshot(
     dataset: CCTDataset, generator, fallback, sections: dict, tasks: dict, steps: int, config: FewShotEvalConfig
 ) -> tuple[list[dict], dict[str, float]]:
     """-> (fewshot rows, {refine steps: median seconds per adaptation}). `tasks`: role -> that role's `Task`s
-    (evaluate.py); `sections`: the report's rq sections, for pretrain and fine-tuned accuracy."""
-    from training.evaluate import Scorer, load_frames  # here: evaluate imports this module's config
-
+    (`training.evaluation.targets`); `sections`: the report's rq sections, for pretrain and fine-tuned accuracy."""
     scorer = Scorer(generator.classifier, generator.layout, generator.shapes)
     rows, seconds = [], {}
     for role, rq in ROLES.items():
         by_location = {row["task"]: row for row in sections[rq]["per_task"]}
-        role_tasks = [task for task in tasks.get(role, []) if task.location in by_location]
+        role_tasks = [task for task in tasks.get(role, []) if task.location in by_location][: config.max_locations]
         if not role_tasks:
             continue
         pretrain = statistics.fmean(by_location[t.location]["pretrain_acc"] for t in role_tasks)

@@ -1,4 +1,4 @@
-"""Few-shot evaluation (training/fewshot.py): shots come from TRAIN only, accuracy from TEST."""
+"""Few-shot evaluation (training/evaluation/fewshot.py): shots come from TRAIN only, accuracy from TEST."""
 
 import pytest
 import torch
@@ -6,10 +6,12 @@ import torch
 from model_store.adapt import FewShotResult
 from model_store.generator import Generator
 from model_store.store import Store
-from training import fewshot
 from training.data import read_cct
-from training.evaluate import load_frames, load_tasks
-from training.fewshot import FewShotEvalConfig, draw_shots, evaluate_fewshot
+from training.evaluation import fewshot
+from training.evaluation.config import FewShotEvalConfig
+from training.evaluation.fewshot import draw_shots, evaluate_fewshot
+from training.evaluation.scoring import load_frames
+from training.evaluation.targets import load_tasks
 
 
 def test_draw_shots_takes_up_to_k_per_class():
@@ -69,7 +71,7 @@ def test_refinement_steps_are_chosen_on_val_not_test(smoke_world, smoke_store, m
             return torch.tensor([0.9 if vectors[0, 0].item() == preferred[frames.split] else 0.6])
 
     monkeypatch.setattr(fewshot, "adapt", marked)
-    monkeypatch.setattr("training.evaluate.Scorer", SplitScorer)
+    monkeypatch.setattr(fewshot, "Scorer", SplitScorer)
     config = FewShotEvalConfig(shots=(1,), refine_steps=(0, 10, 100))
     [row], seconds = evaluate_fewshot(dataset, generator, None, sections, tasks, 2, config)
     assert row["refine_steps"] == 10 and row["acc"] == pytest.approx(0.6)  # test accuracy of the val choice

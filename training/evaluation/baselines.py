@@ -1,4 +1,4 @@
-"""Baselines and novelty metrics that every generated adapter is shown beside (DESIGN.md section 8).
+"""Baselines and novelty metrics that every generated adapter is shown beside (docs/design.md, evaluation).
 
 Published parameter generators often collapse onto something much cheaper: the average of the training
 checkpoints, retrieval of the nearest task, a blend of a few neighbours, a plain regression, or a noisy
@@ -15,27 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model_store import retrieval
 from model_store.condition import standardize
-
-
-@dataclass
-class Zoo:
-    """The seen locations' checkpoints (the generator's training set) as flat vectors."""
-
-    locations: list[str]
-    vectors: torch.Tensor  # (C, P) every checkpoint of every run
-    owner: torch.Tensor  # (C,) index into `locations`
-
-    def __post_init__(self) -> None:
-        self.means = torch.stack([self.of(loc).mean(0) for loc in self.locations])  # (L, P)
-        # Distances and noise are measured per coordinate in z-score units, as the parameter VAE sees them.
-        self.scale = self.vectors.std(0).clamp_min(1e-8) if len(self.vectors) > 1 else torch.ones_like(self.means[0])
-
-    def of(self, location: str) -> torch.Tensor:
-        return self.vectors[self.owner == self.locations.index(location)]
-
-    def mean_of(self, location: str) -> torch.Tensor:
-        return self.means[self.locations.index(location)]
+from training.evaluation.config import HypernetConfig
+from training.zoo import Zoo
 
 
 @dataclass
@@ -77,19 +60,12 @@ def average(zoo: Zoo) -> torch.Tensor:
 
 def nearest(zoo: Zoo, distances: torch.Tensor) -> torch.Tensor:
     """Mean checkpoint of the seen location whose stored embedding is closest (retrieval)."""
-    return zoo.means[int(distances.argmin())]
+    return retrieval.nearest(zoo.means, distances)
 
 
 def knn_blend(zoo: Zoo, distances: torch.Tensor, k: int, weighting: str) -> torch.Tensor:
-    """Mix of the k nearest locations' mean adapters, weighted uniformly or by inverse distance."""
-    d, index = distances.topk(min(k, len(distances)), largest=False)
-    if weighting == "uniform":
-        weights = torch.ones_like(d)
-    elif weighting == "inverse_distance":
-        weights = 1.0 / d.clamp_min(1e-6)
-    else:
-        raise ValueError(f"unknown knn weighting {weighting!r}: expected 'uniform' or 'inverse_distance'")
-    return (weights / weights.sum()) @ zoo.means[index]
+    """Mix of the k nearest locations' mean adapters, as the service serves it (`model_store.retrieval`)."""
+    return retrieval.knn_blend(zoo.means, distances, k, weighting)
 
 
 def midpoint(zoo: Zoo, a: str, b: str) -> torch.Tensor:
@@ -113,16 +89,6 @@ def gaussian(zoo: Zoo, location: str, n: int, generator: torch.Generator) -> tor
 
 # -----------------------------------------------------------------------------
 # hypernet: a deterministic regression from the same condition features to the adapter
-
-
-@dataclass
-class HypernetConfig:
-    hidden: int = 256
-    steps: int = 800  # 0: no hypernet baseline
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
 
 
 class Hypernet(nn.Module):

@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,11 +11,15 @@ from PIL import Image
 
 from model_store.backbone import BackboneConfig, build_classifier
 from model_store.lora import LoraLayout, adapter_shapes
-from training import baselines, evaluate
-from training.baselines import LocationIndex, Zoo
 from training.data import read_cct
-from training.evaluate import EvalConfig, Frames, Scorer, Setup, Task
-from training.representation import held_out_frames
+from training.evaluation import baselines, roles, scoring, serving
+from training.evaluation.baselines import LocationIndex
+from training.evaluation.config import AnchoredConfig, EvalConfig, HypernetConfig
+from training.evaluation.roles import Setup
+from training.evaluation.scoring import Frames, Scorer
+from training.evaluation.signals import auroc
+from training.evaluation.targets import Task, held_out_frames
+from training.zoo import Zoo
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +96,7 @@ def test_location_index_uses_each_locations_closest_frame():
 def test_hypernet_regresses_each_locations_mean_adapter(zoo):
     features = torch.tensor([[0.0, 0.0], [0.0, 0.1], [3.0, 0.0], [3.0, 0.1], [0.0, 3.0], [0.1, 3.0]])
     index = LocationIndex(features, torch.tensor([0, 0, 1, 1, 2, 2]))
-    model = baselines.fit_hypernet(index, zoo, baselines.HypernetConfig(hidden=32, steps=150, batch_size=32, lr=1e-2))
+    model = baselines.fit_hypernet(index, zoo, HypernetConfig(hidden=32, steps=150, batch_size=32, lr=1e-2))
     prediction = model(torch.tensor([[0.0, 0.05], [3.0, 0.05], [0.05, 3.0]]))
     assert torch.allclose(prediction, zoo.means, atol=0.5)
 
@@ -133,10 +138,10 @@ def test_max_iou_known_cases():
 
 
 def test_auroc():
-    assert evaluate.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
-    assert evaluate.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
-    assert evaluate.auroc([1.0, 1.0], [1.0]) == 0.5
-    assert evaluate.auroc([1.0], []) is None  # no unseen locations
+    assert auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert auroc([1.0, 1.0], [1.0]) == 0.5
+    assert auroc([1.0], []) is None  # no unseen locations
 
 
 # -----------------------------------------------------------------------------
@@ -167,12 +172,16 @@ class FakeGenerator:
     def distance(self, features):
         return torch.cdist(features, self.references).min(1).values
 
-    def generate_vectors(self, features, seeds, steps=50):
+    def generate_vectors(self, features, seeds, steps=50, anchor=None, strength=1.0):
+        """Anchored: the anchor plus noise growing with the strength (0: the anchor itself)."""
         index = torch.cdist(features, self.references).argmin(1)
         rows = []
-        for i, seed in zip(index.tolist(), seeds, strict=True):
+        for row, (i, seed) in enumerate(zip(index.tolist(), seeds, strict=True)):
             noise = torch.randn(self.zoo.vectors.shape[1], generator=torch.Generator().manual_seed(seed))
-            rows.append(self.zoo.means[self.reference_locations[i]] + 0.01 * noise)
+            if anchor is None:
+                rows.append(self.zoo.means[self.reference_locations[i]] + 0.01 * noise)
+            else:
+                rows.append(anchor[row] + strength * 0.3 * noise)
         return torch.stack(rows)
 
 
@@ -193,7 +202,7 @@ def fake_setup():
     zoo = Zoo(["A", "B", "C"], vectors, torch.arange(3).repeat_interleave(4))
     generator = FakeGenerator(classifier, zoo)
     index = LocationIndex(generator.references, generator.reference_locations, torch.zeros(3), torch.full((3,), 50.0))
-    hypernet = baselines.fit_hypernet(index, zoo, baselines.HypernetConfig(hidden=16, steps=20, batch_size=8))
+    hypernet = baselines.fit_hypernet(index, zoo, HypernetConfig(hidden=16, steps=20, batch_size=8))
     scorer = Scorer(classifier, LAYOUT, shapes)
     return Setup(generator, scorer, zoo, {}, index, hypernet, baselines.typical_nn_distance(zoo))
 
@@ -227,7 +236,7 @@ CONFIG = EvalConfig(samples=3, baseline_samples=2, knn_ks=(1, 2), noise_sigmas=(
 
 
 def test_role_report_schema(fake_setup):
-    result, generated = evaluate.evaluate_role(fake_setup, make_tasks(), CONFIG)
+    result, generated = roles.evaluate_role(fake_setup, make_tasks(), CONFIG)
     row = result["per_task"][0]
     for key in (
         "task",
@@ -252,15 +261,15 @@ def test_role_report_schema(fake_setup):
 def test_selection_refuses_test_frames(fake_setup):
     candidates = fake_setup.zoo.vectors[:2]
     with pytest.raises(ValueError, match="val"):
-        evaluate.select_sample(fake_setup.scorer, candidates, frames("X", "test", 0))
+        scoring.select_sample(fake_setup.scorer, candidates, frames("X", "test", 0))
     with pytest.raises(ValueError, match="val"):
-        evaluate.choose_option(fake_setup.scorer, {"a": [candidates]}, [frames("X", "test", 0)])
+        scoring.choose_option(fake_setup.scorer, {"a": [candidates]}, [frames("X", "test", 0)])
 
 
 def test_selection_never_receives_test_data(fake_setup, monkeypatch):
     """Every call into the selection functions carries val frames only, and test frames change no choice."""
     calls = []  # (splits seen, choice made) per selection call
-    select, choose = evaluate.select_sample, evaluate.choose_option
+    select, choose = scoring.select_sample, scoring.choose_option
 
     def spy_select(scorer, candidates, val):
         choice = select(scorer, candidates, val)
@@ -272,22 +281,69 @@ def test_selection_never_receives_test_data(fake_setup, monkeypatch):
         calls.append(([v.split for v in vals], choice))
         return choice
 
-    monkeypatch.setattr(evaluate, "select_sample", spy_select)
-    monkeypatch.setattr(evaluate, "choose_option", spy_choose)
-    first, _ = evaluate.evaluate_role(fake_setup, make_tasks(test_labels_seed=100), CONFIG)
+    monkeypatch.setattr(roles, "select_sample", spy_select)
+    monkeypatch.setattr(roles, "choose_option", spy_choose)
+    first, _ = roles.evaluate_role(fake_setup, make_tasks(test_labels_seed=100), CONFIG)
     first_calls, calls[:] = list(calls), []
     assert len(first_calls) == 2 + 2  # knn_blend and noise per role, one generated sample per task
     assert {split for splits, _ in first_calls for split in splits} == {"val"}
 
     # Entirely different test frames and labels: the same choices, in the same order.
-    second, _ = evaluate.evaluate_role(fake_setup, make_tasks(test_labels_seed=999), CONFIG)
+    second, _ = roles.evaluate_role(fake_setup, make_tasks(test_labels_seed=999), CONFIG)
     assert calls == first_calls
     assert first["selection"] == second["selection"]
     assert [r["finetuned_best_acc"] for r in first["per_task"]] == [r["finetuned_best_acc"] for r in second["per_task"]]
 
 
+SERVING = replace(CONFIG, anchored=AnchoredConfig(strengths=(0.0, 0.5), samples=2))
+
+
+def test_paired_differences_have_a_bootstrap_interval():
+    rows = [{"baselines": {"knn_blend": 0.5}, "generated_acc": 0.5 + d} for d in (0.01, 0.02, 0.03, 0.04)]
+    result = roles.paired(rows, CONFIG)["generated"]
+    assert result["diff"] == pytest.approx(0.025) and result["locations"] == 4
+    low, high = result["ci95"]
+    assert 0.01 <= low < 0.025 < high <= 0.04
+    same = roles.paired([{"baselines": {"knn_blend": 0.5, "nearest": 0.6}}] * 3, CONFIG)["nearest"]
+    assert same["ci95"] == pytest.approx([0.1, 0.1])  # no spread, no interval
+
+
+def test_anchored_at_strength_zero_is_the_blend(fake_setup):
+    result, _ = roles.evaluate_role(fake_setup, make_tasks(), SERVING, serving_knn="k=2,uniform")
+    for row in result["per_task"]:
+        assert row["methods"]["anchored@0"] == row["methods"]["knn_blend"]
+        assert set(row["methods"]) == {"generate", "knn_blend", "anchored@0", "anchored@0.5", "nearest"}
+    assert "paired" in result["summary"] and "generated" in result["summary"]["paired"]
+
+
+def test_what_the_store_serves_is_chosen_without_test_labels(fake_setup):
+    """Perturbing every test label changes no serving choice, only the test accuracies reported."""
+    tables, served = [], []
+    for seed in (100, 999):
+        tasks = make_tasks(test_labels_seed=seed)
+        knn = roles.choose_knn(fake_setup, tasks, SERVING)
+        sections = {"rq2": roles.evaluate_role(fake_setup, tasks, SERVING, serving_knn=knn)[0]}
+        table = serving.choose_serving(sections, SERVING, knn, ood_threshold=None, has_location_means=True)
+        serving.apply_serving(sections, table, SERVING)
+        tables.append(table.to_dict())
+        served.append([row["served_method"] for row in sections["rq2"]["per_task"]])
+        row = sections["rq2"]["per_task"][0]
+        assert row["served_acc"] == row["methods"][serving.method_name(row["served_method"], 0.0)]["test"] or (
+            row["served_method"] == "anchored"
+        )
+        assert "served" in sections["rq2"]["summary"]["paired"]
+    assert tables[0] == tables[1] and served[0] == served[1]
+
+
+def test_a_store_without_location_means_serves_generation(fake_setup):
+    tasks = make_tasks()
+    sections = {"rq2": roles.evaluate_role(fake_setup, tasks, SERVING, serving_knn="k=1,uniform")[0]}
+    table = serving.choose_serving(sections, SERVING, "k=1,uniform", ood_threshold=None, has_location_means=False)
+    assert {region["method"] for region in table.to_dict()["regions"]} == {"generate"}
+
+
 # -----------------------------------------------------------------------------
-# the whole stage on the smoke store: DESIGN.md section 8's report
+# the whole stage on the smoke store: the report of docs/design.md
 
 
 def test_evaluate_writes_the_design_report(smoke_world, smoke_store, tmp_path):
@@ -320,6 +376,11 @@ def test_evaluate_writes_the_design_report(smoke_world, smoke_store, tmp_path):
     }
     assert all(0 <= r["val_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["locations"] > 0 for r in rows)
     assert report["ablation"]["saving_interval"] == [] and report["scaling"] == []  # studies only when asked
+    assert store.load_json("serving.json") == report["serving"]  # what the service will read
+    for rq in ("rq1", "rq2", "rq3"):
+        assert {"served", "anchored", "generated", "nearest"} <= set(report[rq]["summary"]["paired"])
+        methods = {row["served_method"] for row in report[rq]["per_task"]}
+        assert methods <= {"generate", "anchored", "knn_blend", "nearest"}
     assert {"finetune_seconds_per_task", "generate_seconds_per_adapter", "speedup"} <= set(report["timing"])
     for name in ("report.md", "pca.png", "accuracy.png"):
         assert store.has(f"report/{name}")

@@ -1,0 +1,307 @@
+"""One request -> one adapter: the single inference path of `wildpdiff generate` and the service.
+
+    table, threshold = load_serving_table(store), stored_ood_threshold(store) or DEFAULT_OOD_THRESHOLD
+    result = infer(generator, [image], InferenceOptions(seed=0, steps=10), table=table, ood_threshold=threshold)
+    result.state, result.metadata, result.method, result.policy_applied   # PEFT-key tensors, safetensors metadata
+
+Both callers decode their images (the service from uploads with its limits, the CLI from files, both to RGB
+with `to_rgb`) and write the answer their way; everything between is here, so the same frame + options + store
+give the same tensors, metadata (the service adds its adapter_id) and policy on either side.
+
+What is served:
+1. The condition (`Generator.condition`) and its distance to the seen locations (~1 typical).
+2. The method: the request's, or else the store's serving table (`SERVING_FILE`, written by `wildpdiff
+   evaluate`; `ServingTable.DEFAULT` without one) for the distance's region. `METHODS`:
+     generate   DDIM from noise, conditioned on the frame
+     anchored   DDIM started from the knn_blend adapter noised to the table's strength (SDEdit)
+     knn_blend  the k nearest seen locations' mean adapters, blended (no sampling; the seed is ignored)
+     nearest    the nearest seen location's mean adapter (no sampling)
+   The last three need the store's per-location mean adapters (`Generator.location_means`): asking for one
+   without them is a ValueError, and a table's choice of one falls back to generate.
+3. The out-of-distribution policy (distance > threshold): `reject` raises `OutOfDistribution`; `fallback` turns
+   a generated answer into the nearest location's mean adapter (the all-zero adapter, i.e. the pretrained
+   backbone, without means), and leaves a retrieval or anchored answer as it is; `generate` serves as chosen.
+4. With labelled shots, few-shot selection (`model_store.adapt`) decides instead of 2 and 3 (reject still
+   refuses).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from model_store import retrieval
+from model_store.adapt import FewShotConfig, FewShotResult, adapt, labels_to_indices
+from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES, Generator
+from model_store.lora import unflatten
+from model_store.store import Store, StoreError
+
+SERVING_FILE = "serving.json"
+METHODS = ("generate", "anchored", "knn_blend", "nearest")
+RETRIEVAL_METHODS = ("anchored", "knn_blend", "nearest")  # need `Generator.location_means`
+POLICIES = ("generate", "fallback", "reject")
+DEFAULT_POLICY = "fallback"
+# Out-of-distribution threshold for a store without a calibrated one (`model_store.ood`); in units of the
+# typical spacing of the training frames. On the smoke store fresh frames of seen locations measure 0.1-2.2
+# (median 0.5), unseen locations 1.8-3.7 (median 3.3).
+DEFAULT_OOD_THRESHOLD = 2.0
+
+
+class OutOfDistribution(ValueError):
+    """The `reject` policy refused a frame unlike every seen location."""
+
+    def __init__(self, distance: float, threshold: float, nearest_location: str):
+        super().__init__(
+            f"background is out of distribution: distance {distance:.3f} > threshold {threshold:.3f} "
+            f"(nearest seen location {nearest_location!r}); ask for policy generate or fallback to get an adapter"
+        )
+        self.distance, self.threshold, self.nearest_location = distance, threshold, nearest_location
+
+
+# -----------------------------------------------------------------------------
+# the serving table
+
+
+@dataclass(frozen=True)
+class Region:
+    name: str
+    max_distance: float | None  # None: unbounded (the last region)
+    method: str
+    locations: int | None = None  # evaluated locations that fell in the region when the table was chosen
+
+    def to_dict(self) -> dict:
+        out = {"region": self.name, "max_distance": self.max_distance, "method": self.method}
+        return out if self.locations is None else {**out, "locations": self.locations}
+
+
+@dataclass(frozen=True)
+class ServingTable:
+    """Which method serves which region of condition distance, and the retrieval methods' settings.
+
+    Regions are ordered: the first whose max_distance is None or >= the distance wins; the last is unbounded."""
+
+    regions: tuple[Region, ...]
+    knn_k: int = 3
+    knn_weighting: str = "inverse_distance"
+    anchored_strength: float = 0.5
+    chosen_on: str = ""
+
+    VERSION: ClassVar[int] = 1
+    DEFAULT: ClassVar[ServingTable]  # for a store without `SERVING_FILE`: generate everywhere
+
+    def __post_init__(self):
+        if not self.regions:
+            raise ValueError("a serving table needs at least one region")
+        if any(r.max_distance is None for r in self.regions[:-1]) or self.regions[-1].max_distance is not None:
+            raise ValueError("only the last region of a serving table is unbounded (max_distance null)")
+        unknown = sorted({r.method for r in self.regions} - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown serving methods {unknown}: expected some of {', '.join(METHODS)}")
+        if self.knn_k < 1:
+            raise ValueError(f"knn_blend k must be at least 1, got {self.knn_k}")
+        if self.knn_weighting not in retrieval.WEIGHTINGS:
+            raise ValueError(f"unknown knn weighting {self.knn_weighting!r}: expected one of {retrieval.WEIGHTINGS}")
+        if not 0.0 <= self.anchored_strength <= 1.0:
+            raise ValueError(f"anchored strength must be in [0, 1], got {self.anchored_strength}")
+
+    def method_for(self, distance: float) -> tuple[str, str]:
+        """A condition distance -> (region, method)."""
+        region = next(r for r in self.regions if r.max_distance is None or r.max_distance >= distance)
+        return region.name, region.method
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ServingTable:
+        if data.get("version") != cls.VERSION:
+            raise ValueError(f"serving table version {data.get('version')!r}; this code reads version {cls.VERSION}")
+        try:
+            regions = tuple(
+                Region(r["region"], None if r["max_distance"] is None else float(r["max_distance"]), r["method"],
+                       r.get("locations"))
+                for r in data["regions"]
+            )  # fmt: skip
+            return cls(
+                regions,
+                int(data["knn_blend"]["k"]),
+                data["knn_blend"]["weighting"],
+                float(data["anchored"]["strength"]),
+                data.get("chosen_on", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed serving table: {e!r} missing or of the wrong type") from None
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.VERSION,
+            "regions": [region.to_dict() for region in self.regions],
+            "knn_blend": {"k": self.knn_k, "weighting": self.knn_weighting},
+            "anchored": {"strength": self.anchored_strength},
+            "chosen_on": self.chosen_on,
+        }
+
+
+ServingTable.DEFAULT = ServingTable((Region("all", None, "generate"),), chosen_on="default (no serving.json)")
+
+
+def load_serving_table(store: Store) -> ServingTable:
+    """The store's serving table, or `ServingTable.DEFAULT` for a store evaluated before tables were written."""
+    if not store.has(SERVING_FILE):
+        return ServingTable.DEFAULT
+    try:
+        return ServingTable.from_dict(store.load_json(SERVING_FILE))
+    except ValueError as e:
+        raise StoreError(f"{store.path(SERVING_FILE)}: {e}") from None
+
+
+def stored_ood_threshold(store: Store) -> float | None:
+    """The threshold calibrated into the store by `wildpdiff fit`, if any."""
+    return store.manifest["components"].get("condition", {}).get("ood_threshold")
+
+
+# -----------------------------------------------------------------------------
+# a request and its answer
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded Pillow image -> RGB, EXIF orientation applied: what both sides hand to `infer`."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        # 16-bit greyscale: Pillow's convert would clip at 255 (a white picture); scale instead.
+        values = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        image = Image.fromarray(values.astype(np.uint8), "L")
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the route Pillow recommends for palette transparency
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True, eq=False)
+class InferenceOptions:
+    """Everything besides the frames and the store that decides the answer."""
+
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    frame_rule: str = DEFAULT_FRAME_RULE
+    policy: str = DEFAULT_POLICY
+    method: str | None = None  # None: the serving table's choice for the condition's region
+    shots: torch.Tensor | None = None  # (S, 3, H, W) normalised labelled frames of the location (few-shot)
+    labels: tuple[str, ...] = ()  # one class name per shot
+    refine_steps: int = 0
+    candidates: int = 16  # generated few-shot candidates
+
+    def __post_init__(self):
+        if self.frame_rule not in FRAME_RULES:
+            raise ValueError(f"unknown frame rule {self.frame_rule!r}: expected one of {', '.join(FRAME_RULES)}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}: expected one of {', '.join(POLICIES)}")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+
+@dataclass
+class Inference:
+    vector: torch.Tensor  # (P,) flat adapter, `Generator.shapes` order
+    state: dict[str, torch.Tensor]  # the same, as contiguous PEFT-key tensors
+    metadata: dict[str, str]  # safetensors __metadata__ (str -> str)
+    method: str  # what served: one of METHODS, "base" (fallback without means) or "fewshot"
+    region: str  # the serving table's region of the distance
+    policy_applied: str  # generate (served as chosen) | fallback-nearest | fallback-base | fewshot
+    distance: float  # condition distance (~1 typical of the training frames)
+    in_distribution: bool  # distance <= the threshold
+    nearest_location: str
+    fewshot: FewShotResult | None = None
+
+
+def check_method(generator: Generator, method: str | None) -> None:
+    """ValueError when `method` needs the per-location mean adapters and the generator has none."""
+    if method in RETRIEVAL_METHODS and generator.location_means is None:
+        raise ValueError(
+            f"method {method} needs the seen locations' mean adapters, which this store does not hold "
+            f"(fitted before they were stored); use method generate or fit the store again"
+        )
+
+
+def infer(
+    generator: Generator,
+    images: Sequence[Image.Image],
+    options: InferenceOptions = InferenceOptions(),
+    *,
+    table: ServingTable = ServingTable.DEFAULT,
+    ood_threshold: float = DEFAULT_OOD_THRESHOLD,
+) -> Inference:
+    """Background frames of ONE location (RGB) -> the adapter to serve (module docstring).
+
+    Raises `OutOfDistribution` (policy reject) and ValueError for options this store cannot serve."""
+    g = generator
+    check_method(g, options.method)
+    num_train_timesteps = g.scheduler_config["num_train_timesteps"]
+    if options.steps > num_train_timesteps:
+        raise ValueError(f"steps: at most {num_train_timesteps} for this store (its scheduler's timesteps)")
+    if options.shots is not None or options.labels:
+        labels = labels_to_indices(list(options.labels), g.classes, 0 if options.shots is None else len(options.shots))
+
+    with torch.inference_mode():
+        condition, distance = g.condition(g.embed(images), options.frame_rule)  # (1, D)
+    [nearest_location] = g.nearest_location(condition)
+    in_distribution = distance <= ood_threshold
+    if not in_distribution and options.policy == "reject":
+        raise OutOfDistribution(distance, ood_threshold, nearest_location)
+    region, method = table.method_for(distance)
+    if options.method is not None:
+        method = options.method
+    elif method in RETRIEVAL_METHODS and g.location_means is None:
+        method = "generate"
+
+    metadata = {
+        **g.metadata(options.seed, options.steps, distance),
+        "nearest_location": nearest_location,
+        "background_frames": str(len(images)),
+        "frame_rule": options.frame_rule,
+        "region": region,
+    }
+    fewshot = None
+    if options.shots is not None:
+        # The shots choose among generated, nearest-location and base adapters: they decide, not the policy.
+        config = FewShotConfig(options.candidates, options.refine_steps)
+        fewshot = adapt(
+            g, condition.clone(), options.shots, labels, seed=options.seed, steps=options.steps,
+            fallback=g.location_means, config=config,
+        )  # fmt: skip
+        vector, method, applied = fewshot.vector, "fewshot", "fewshot"
+        metadata.update(fewshot.metadata(), refine_steps=str(options.refine_steps))
+    elif method == "generate" and not in_distribution and options.policy == "fallback":
+        if g.location_means is not None:
+            vector = g.location_means[g.locations.index(nearest_location)]
+            method, applied = "nearest", "fallback-nearest"
+        else:
+            vector, method, applied = torch.zeros(g.vae.num_params), "base", "fallback-base"
+    else:
+        vector, applied = method_vector(g, condition, method, options.seed, options.steps, table), "generate"
+    metadata.update(method=method, policy_applied=applied)
+    state = {key: tensor.contiguous() for key, tensor in unflatten(vector, g.shapes).items()}
+    return Inference(vector, state, metadata, method, region, applied, distance, in_distribution, nearest_location,
+                     fewshot)  # fmt: skip
+
+
+@torch.inference_mode()
+def method_vector(
+    generator: Generator, condition: torch.Tensor, method: str, seed: int, steps: int, table: ServingTable
+) -> torch.Tensor:
+    """(1, D) condition -> (P,) the adapter `method` gives (retrieval settings from `table`)."""
+    if method == "generate":
+        return generator.generate_vectors(condition, [seed], steps)[0]
+    check_method(generator, method)
+    distances = generator.location_distances(condition)[0]  # (L,)
+    if method == "nearest":
+        return retrieval.nearest(generator.location_means, distances)
+    blend = retrieval.knn_blend(generator.location_means, distances, table.knn_k, table.knn_weighting)  # (P,)
+    if method == "knn_blend":
+        return blend
+    return generator.generate_vectors(condition, [seed], steps, anchor=blend[None], strength=table.anchored_strength)[0]

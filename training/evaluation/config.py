@@ -1,0 +1,58 @@
+"""What an evaluation is run with: the bottom of the evaluation package, importing nothing of it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model_store.generator import DEFAULT_STEPS
+
+
+@dataclass(frozen=True)
+class HypernetConfig:
+    hidden: int = 256
+    steps: int = 800  # 0: no hypernet baseline
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FewShotEvalConfig:
+    shots: tuple[int, ...] = (1, 5, 10)  # labelled frames per class
+    candidates: int = 16
+    refine_steps: tuple[int, ...] = (0, 10, 30, 100)  # options; the one with the best val accuracy is reported
+    max_locations: int = 8  # the first n locations per role: adaptation is the costly part of the evaluation
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RepresentationConfig:
+    frames: int = 4  # held-out background frames per location for the multi-frame rows
+    samples: int = 5  # adapters per location and variant
+
+
+@dataclass(frozen=True)
+class AnchoredConfig:
+    """Generation started from the knn_blend adapter (SDEdit): the strengths tried, chosen on val."""
+
+    strengths: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7)  # fraction of the noise schedule to start from
+    samples: int = 5  # anchored adapters per location (seeds 0..samples-1)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    samples: int = 10  # generated adapters per location (seeds 0..samples-1)
+    steps: int = DEFAULT_STEPS  # DDIM steps per generated adapter, as the service uses
+    baseline_samples: int = 5  # draws of the noise and gaussian baselines per location
+    knn_ks: tuple[int, ...] = (1, 2, 3, 4, 8)
+    knn_weightings: tuple[str, ...] = ("uniform", "inverse_distance")
+    noise_sigmas: tuple[float, ...] = (0.1, 0.3, 1.0)  # z-score units of the zoo's coordinates
+    iou_neighbours: int = 8  # per generated adapter, its nearest training checkpoints that max_iou compares with
+    timing_repeats: int = 5
+    bootstrap: int = 2000  # resamples of locations for the paired confidence intervals
+    seed: int = 0
+    hypernet: HypernetConfig = field(default_factory=HypernetConfig)
+    anchored: AnchoredConfig = field(default_factory=AnchoredConfig)
+    fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
+    representation: RepresentationConfig = field(default_factory=RepresentationConfig)
