@@ -40,6 +40,7 @@ from diffusers import DDIMScheduler
 from PIL import Image
 from torch import nn
 
+from model_store import retrieval
 from model_store.backbone import BACKBONE_FILE, BackboneConfig, Classifier, load_backbone
 from model_store.condition import CONDITION_TOWER_FILE, CONDITIONS_FILE, ConditionConfig, ConditionEncoder, standardize
 from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
@@ -97,6 +98,22 @@ class StoredConditions:
         )
 
 
+@dataclass(frozen=True)
+class Residual:
+    """A denoiser that generates the difference between an adapter's latent and the latent of the knn_blend of
+    the k nearest seen locations' mean adapters (trained leave-self-out: a location never blends itself)."""
+
+    k: int
+    weighting: str
+
+    @classmethod
+    def from_component(cls, component: dict) -> Residual | None:
+        """The denoiser component of a manifest -> its residual settings; None for a plain (latent) denoiser."""
+        if component.get("target", "latent") == "latent":
+            return None
+        return cls(int(component["residual"]["k"]), component["residual"]["weighting"])
+
+
 class Generator:
     classifier: Classifier
     backbone_config: BackboneConfig
@@ -120,6 +137,7 @@ class Generator:
         *,
         classes: Sequence[str],
         location_means: torch.Tensor | None = None,
+        residual: Residual | None = None,
         store_id: str = "",
         base_model_hash: str = "",
     ):
@@ -156,6 +174,9 @@ class Generator:
                 f"location means of shape {tuple(location_means.shape)}, expected ({len(self.locations)}, {num_params})"
             )
         self.location_means = location_means  # (L, P) on CPU, or None
+        if residual is not None and location_means is None:
+            raise ValueError("a residual denoiser needs the per-location mean adapters it blends")
+        self.residual = residual
 
     @classmethod
     def from_store(cls, store: Store, device: str | torch.device = "cpu") -> Generator:
@@ -200,6 +221,7 @@ class Generator:
             store.load_json(SCHEDULER_FILE),
             classes=store.manifest["classes"],
             location_means=load_fallback(store),
+            residual=Residual.from_component(components["denoiser"]),
             store_id=generator_id(store),
             base_model_hash=store.manifest["files"][BACKBONE_FILE]["sha256"],
         )
@@ -262,6 +284,12 @@ class Generator:
             raise ValueError(f"anchor must be (B, {self.vae.num_params}) flat adapters, got {tuple(anchor.shape)}")
         return self.vae.encode(self.normalization.normalize(anchor.to(self.device, torch.float32)))
 
+    def blend_latents(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, C, L) latents of the knn_blend adapters a residual denoiser generates the difference to."""
+        distances = self.location_distances(features)  # (B, L)
+        blends = [retrieval.knn_blend(self.location_means, d, self.residual.k, self.residual.weighting) for d in distances]
+        return self._anchor_latents(torch.stack(blends))
+
     @torch.no_grad()
     def sample_latents(
         self,
@@ -275,7 +303,8 @@ class Generator:
 
         With `anchor` (B, P) flat adapters, SDEdit: only the DDIM timesteps t < strength * T are run, starting
         from the anchor's latent noised to the first of them with the same seeded noise; strength 0 (or no
-        timestep left) returns the anchor's latent, 1 starts from (almost) pure noise."""
+        timestep left) returns the anchor's latent, 1 starts from (almost) pure noise. A residual denoiser's
+        samples are added to the blend's latent (`blend_latents`)."""
         if len(seeds) != len(features):
             raise ValueError(f"{len(features)} condition rows but {len(seeds)} seeds")
         num_train_timesteps = self.scheduler_config["num_train_timesteps"]
@@ -296,18 +325,19 @@ class Generator:
         scheduler = DDIMScheduler.from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
+        base = self.blend_latents(features) if self.residual else torch.zeros_like(noise)  # (B, C, L)
         if anchor is None:
             latents = noise * scheduler.init_noise_sigma
         else:
-            latents = self._anchor_latents(anchor)  # (B, C, L)
+            latents = self._anchor_latents(anchor) - base  # (B, C, L)
             timesteps = timesteps[timesteps < strength * num_train_timesteps]
             if len(timesteps) == 0:
-                return latents
+                return latents + base
             latents = scheduler.add_noise(latents, noise, timesteps[:1].expand(len(latents)))
         for t in timesteps:
             noise_pred = self.denoiser(latents, t.expand(len(latents)), condition)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
-        return latents
+        return latents + base
 
     @torch.no_grad()
     def generate_vectors(

@@ -38,6 +38,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from tqdm import tqdm
 
+from model_store import retrieval
 from model_store.backbone import BACKBONE_FILE, Classifier, load_backbone
 from model_store.condition import (
     CONDITION_TOWER_FILE,
@@ -51,7 +52,7 @@ from model_store.condition import (
     standardize,
 )
 from model_store.denoiser import DENOISER_FILE, DenoiserConfig, build_denoiser
-from model_store.generator import SCHEDULER_FILE
+from model_store.generator import SCHEDULER_FILE, Residual
 from model_store.lora import LoraLayout, adapter_shapes
 from model_store.ood import FALLBACK_FILE, OOD_QUANTILE, calibrate_threshold, location_means
 from model_store.store import Store, StoreError, atomic_write_bytes
@@ -81,6 +82,11 @@ class FitConfig:
     # Measured on the demo zoo (seen locations, UNet): epsilon-prediction samples landed between a location's
     # runs, sample-prediction on a run; mean val accuracy of generated adapters 0.933 vs 0.935.
     prediction_type: str = "sample"
+    # What the denoiser generates: "latent" (the adapter's VAE latent) or "residual" (that latent minus the
+    # latent of the knn_blend of the `residual_k` nearest other seen locations: learn only the correction).
+    denoiser_target: str = "latent"
+    residual_k: int = 3
+    residual_weighting: str = "inverse_distance"
     beta_schedule: str = "linear"  # DDPM's; any diffusers beta_schedule name
     seed: int = 0
     # These networks are small: one thread is about as fast as two, and on shared cores two threads
@@ -127,7 +133,7 @@ COMPONENT_FIELDS = {
     "vae": ("vae", "vae_steps", "vae_batch_size", "vae_lr", "warmup_steps", "seed"),
     "denoiser": (
         "denoiser", "denoiser_steps", "denoiser_batch_size", "denoiser_lr", "warmup_steps", "seed",
-        "prediction_type", "train_timesteps", "beta_schedule",
+        "prediction_type", "train_timesteps", "beta_schedule", "denoiser_target", "residual_k", "residual_weighting",
     ),
 }  # fmt: skip
 SPEED_ONLY = ("threads",)
@@ -323,6 +329,11 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
     # Frames of location k are rows offsets[k] .. offsets[k] + counts[k] - 1 of `features` (stored in order).
     counts = torch.bincount(conditions["location"], minlength=len(zoo.locations))
     offsets = torch.cumsum(counts, 0) - counts
+    if config.denoiser_target not in ("latent", "residual"):
+        raise ValueError(f"unknown denoiser_target {config.denoiser_target!r}: latent or residual")
+    residual = Residual(config.residual_k, config.residual_weighting) if config.denoiser_target == "residual" else None
+    with torch.no_grad():  # (F, C, L): per stored frame, the latent its samples are added to
+        base = frame_blend_latents(features, conditions["location"], zoo, residual, vae, normalization)
 
     scheduler = DDIMScheduler(
         num_train_timesteps=config.train_timesteps,
@@ -343,7 +354,7 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
         location = zoo.owner[index]
         # each checkpoint meets a random training-half frame of its own location
         frame = offsets[location] + (torch.rand(len(index), generator=generator) * counts[location]).long()
-        clean = latents[index]
+        clean = latents[index] - base[frame]
         noise = torch.randn(clean.shape, generator=generator)
         t = torch.randint(config.train_timesteps, (len(index),), generator=generator)
         noisy = noise_scheduler.add_noise(clean, noise, t)
@@ -371,11 +382,35 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
             "config": config.denoiser.to_dict(),
             "settings": settings(config, "denoiser"),
             "key": component_key(store, config, "denoiser", ()),
+            "target": config.denoiser_target,
+            **({"residual": asdict(residual)} if residual else {}),
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             "seconds": time.perf_counter() - start,
         },
     )
     return time.perf_counter() - start
+
+
+def frame_blend_latents(
+    features: torch.Tensor,
+    owner: torch.Tensor,
+    zoo: Zoo,
+    residual: Residual | None,
+    vae: ParameterVAE,
+    normalization: Normalization,
+) -> torch.Tensor:
+    """(F, D) z-scored stored frames of the seen locations, their location (F,) -> (F, C, L) latents of the
+    knn_blend each frame retrieves from the OTHER locations (leave-self-out: a location's own mean adapter would
+    make the residual ~0 in training and useless on a new location); zeros for a latent denoiser."""
+    if residual is None:
+        return torch.zeros(len(features), *vae.latent_shape)
+    distances = torch.cdist(features.double(), features.double())  # (F, F)
+    per_location = torch.full((len(features), len(zoo.locations)), float("inf"), dtype=torch.float64)
+    per_location = per_location.scatter_reduce(1, owner.expand_as(distances), distances, "amin")  # (F, L)
+    per_location[torch.arange(len(features)), owner] = float("inf")  # leave self out
+    k = min(residual.k, len(zoo.locations) - 1)  # never reach the location's own (infinite) distance
+    blends = torch.stack([retrieval.knn_blend(zoo.means, d.float(), k, residual.weighting) for d in per_location])
+    return vae.eval().encode(normalization.normalize(blends))
 
 
 def save_scheduler(store: Store, scheduler: DDIMScheduler) -> None:

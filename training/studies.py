@@ -221,25 +221,31 @@ def fit_seeds(
     """RQ1-RQ3 with the denoiser refitted with `seeds` seeds (the first is the store's own: `main`, its report
     sections); everything else (conditions, VAE, zoo) is the store's. -> per-seed rows, mean and spread."""
     rows = [seed_row(fit_config.seed, main)]
-    shared = [BACKBONE_FILE, CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE, FALLBACK_FILE]
-    shared += [CONDITION_TOWER_FILE] if store.has(CONDITION_TOWER_FILE) else []
-    zoo_files = [relpath for relpath in store.manifest["files"] if relpath.startswith("zoo/")]
     for seed in range(fit_config.seed + 1, fit_config.seed + seeds):
-        hashes = {relpath: store.manifest["files"][relpath]["sha256"] for relpath in shared}
-        built_from = {"fit": asdict(fit_config), "seed": seed, "inputs": hashes, "zoo": len(zoo_files)}
-        sub = study_store(store, f"fit_seeds/seed{seed}", built_from)
-        if not all(sub.has(relpath) for relpath in shared + zoo_files):
-            link(store, sub, *shared, *zoo_files)
-            for name in ("condition", "vae", "zoo"):
-                if name in store.manifest["components"]:
-                    sub.set_component(name, store.manifest["components"][name])
-        if not sub.has(DENOISER_FILE):
-            shapes = adapter_shapes(load_backbone(sub)[0], LoraLayout.from_dict(store.manifest["components"]["lora"]))
-            zoo, _ = load_seen_zoo(sub, shapes, list(store.manifest["components"]["condition"]["locations"]))
-            fit_denoiser(sub, zoo, replace(fit_config, seed=seed), progress)
+        sub = refit_denoiser(store, f"fit_seeds/seed{seed}", replace(fit_config, seed=seed), progress)
         sections, *_ = evaluate_store(dataset, sub, Generator.from_store(sub), config, progress=progress)
         rows.append(seed_row(seed, sections))
     return {"seeds": rows, "mean": seed_spread(rows, statistics.fmean), "std": seed_spread(rows, spread)}
+
+
+def refit_denoiser(store: Store, relpath: str, fit_config: FitConfig, progress: bool = True) -> Store:
+    """A sub-store with everything of `store` but the denoiser (hard links), and a denoiser fitted there with
+    `fit_config` (reused when it was already fitted with the same config from the same files)."""
+    shared = [BACKBONE_FILE, CONDITIONS_FILE, NORMALIZATION_FILE, VAE_FILE, FALLBACK_FILE]
+    shared += [CONDITION_TOWER_FILE] if store.has(CONDITION_TOWER_FILE) else []
+    zoo_files = [relpath for relpath in store.manifest["files"] if relpath.startswith("zoo/")]
+    hashes = {name: store.manifest["files"][name]["sha256"] for name in shared + zoo_files}
+    sub = study_store(store, relpath, {"fit": asdict(fit_config), "inputs": hashes})
+    if not all(sub.has(name) for name in shared + zoo_files):
+        link(store, sub, *shared, *zoo_files)
+        for name in ("condition", "vae", "zoo"):
+            if name in store.manifest["components"]:
+                sub.set_component(name, store.manifest["components"][name])
+    if not sub.has(DENOISER_FILE):
+        shapes = adapter_shapes(load_backbone(sub)[0], LoraLayout.from_dict(store.manifest["components"]["lora"]))
+        zoo, _ = load_seen_zoo(sub, shapes, list(store.manifest["components"]["condition"]["locations"]))
+        fit_denoiser(sub, zoo, fit_config, progress)
+    return sub
 
 
 def seed_row(seed: int, sections: dict) -> dict:
@@ -250,8 +256,15 @@ def seed_row(seed: int, sections: dict) -> dict:
             continue
         row[rq] = {field: summary.get(field) for field in SEED_FIELDS}
         row[rq]["knn_blend_acc"] = summary["baselines"]["knn_blend"]
+        row[rq]["val"] = val_means(sections[rq])
         row[rq]["paired"] = {name: summary["paired"][name] for name in SEED_PAIRED if name in summary["paired"]}
     return row
+
+
+def val_means(section: dict) -> dict[str, float]:
+    """Mean VAL accuracy of every servable method over a role's locations (what choices are made on)."""
+    rows = section["per_task"]
+    return {name: statistics.fmean(row["methods"][name]["val"] for row in rows) for name in rows[0]["methods"]}
 
 
 def spread(values: list[float]) -> float:

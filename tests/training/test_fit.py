@@ -8,17 +8,20 @@ from peft import PeftModel
 from PIL import Image
 from safetensors import safe_open
 
+from model_store import retrieval
 from model_store.backbone import load_backbone
 from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
-from model_store.generator import SCHEDULER_FILE, Generator
+from model_store.generator import SCHEDULER_FILE, Generator, Residual
 from model_store.lora import LoraLayout, adapter_shapes, flatten
+from model_store.retrieval import knn_blend
 from model_store.store import MANIFEST, Store, StoreError
-from model_store.vae import VAE_FILE
+from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
 from training.cli import main
 from training.data import read_cct
-from training.fit import COMPONENT_FIELDS, SPEED_ONLY, FitConfig, fit, fit_vae, is_current
+from training.fit import COMPONENT_FIELDS, SPEED_ONLY, FitConfig, fit, fit_vae, frame_blend_latents, is_current
 from training.profiles import get_profile
+from training.studies import refit_denoiser
 from training.zoo import load_seen_zoo
 
 
@@ -196,3 +199,51 @@ def test_cli_generate_from_several_frames(rule, smoke_store, smoke_world, tmp_pa
     assert torch.allclose(flatten(state, generator.shapes), expected, atol=1e-6)
     assert metadata["background_frames"] == "3" and metadata["frame_rule"] == rule
     assert float(metadata["condition_distance"]) == pytest.approx(distance, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the residual target: the denoiser learns only the correction to the leave-self-out blend
+
+
+def test_residual_training_never_blends_a_location_with_itself(smoke_store, smoke_world, monkeypatch):
+    """A spy on the blend: every stored frame retrieves other locations only, and its own mean cannot leak in."""
+    store = Store(smoke_store)
+    zoo = seen_zoo(read_cct(smoke_world), store)
+    conditions = store.load_tensors(CONDITIONS_FILE)
+    features = (conditions["features"] - conditions["mean"]) / conditions["std"]
+    vae = ParameterVAE(zoo.vectors.shape[1], VAEConfig.from_dict(store.manifest["components"]["vae"]["config"]))
+    vae.load_state_dict(store.load_tensors(VAE_FILE))
+    normalization = Normalization.from_tensors(store.load_tensors(NORMALIZATION_FILE))
+    calls = []
+    blend = retrieval.knn_blend
+
+    def spy(means, distances, k, weighting):
+        calls.append(distances[distances.topk(k, largest=False).indices])
+        return blend(means, distances, k, weighting)
+
+    monkeypatch.setattr(retrieval, "knn_blend", spy)
+    owner = conditions["location"]
+    base = frame_blend_latents(features, owner, zoo, Residual(3, "inverse_distance"), vae, normalization)
+    assert len(calls) == len(features) and all(torch.isfinite(d).all() for d in calls)  # own location: infinite
+
+    zoo.means[owner[0]] += 100.0  # a location's own mean changes nothing of what its frames retrieve
+    again = frame_blend_latents(features, owner, zoo, Residual(3, "inverse_distance"), vae, normalization)
+    own = owner == owner[0]
+    assert torch.equal(base[own], again[own])
+
+
+def test_a_residual_denoiser_generates_around_the_blend(smoke_store, smoke_world, tmp_path):
+    config = replace(get_profile("smoke").fit, denoiser_target="residual", denoiser_steps=20)
+    sub = refit_denoiser(Store(copy_store(smoke_store, tmp_path)), "variants/residual", config, progress=False)
+    assert sub.manifest["components"]["denoiser"]["target"] == "residual"
+    generator = Generator.from_store(sub)
+    assert generator.residual is not None
+    image = Image.open(sorted((smoke_world / "backgrounds").glob("*/001.png"))[0]).convert("RGB")
+    features = generator.embed([image])
+    first = generator.generate_vectors(features, [0])
+    assert torch.equal(first, generator.generate_vectors(features, [0]))  # deterministic
+    # strength 0 from the blend: exactly the blend's reconstruction, as for a latent denoiser
+    distances = generator.location_distances(features)[0]
+    anchor = knn_blend(generator.location_means, distances, 3, "inverse_distance")[None]
+    reconstruction = generator.normalization.denormalize(generator.vae.decode(generator.blend_latents(features)))
+    assert torch.allclose(generator.generate_vectors(features, [0], anchor=anchor, strength=0.0), reconstruction)

@@ -55,6 +55,7 @@ def evaluate_representation(
 
     rows = []
     for role, role_tasks in tasks.items():
+        role_tasks = role_tasks[: config.max_locations]
         if not role_tasks:
             continue
         frames = {task.location: held_out_frames(dataset, task.location) for task in role_tasks}
