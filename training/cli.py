@@ -48,7 +48,7 @@ def cmd_world(args: argparse.Namespace) -> None:
 
     profile = get_profile(args.profile)
     if args.seed is not None:
-        profile.world.seed = args.seed
+        profile = replace(profile, world=replace(profile.world, seed=args.seed))
     start = time.perf_counter()
     tasks = build_world(profile.world, Path(args.out), progress=not args.quiet)
     counts = ", ".join(f"{len(tasks[role])} {role}" for role in ("pretrain", "seen", "interp", "unseen"))
@@ -88,8 +88,8 @@ def _adopt(dataset: CCTDataset, store: Store, args: argparse.Namespace) -> None:
         print(f"derived {len(written)} background frames of {len(locations)} locations into {dataset.spec.backgrounds}")
 
 
-def _apply_model_options(profile: Profile, args: argparse.Namespace) -> None:
-    """--backbone / --condition flags -> the profile's configs (flags a stage lacks count as unset)."""
+def _apply_model_options(profile: Profile, args: argparse.Namespace) -> Profile:
+    """The profile with the --backbone / --condition flags applied (flags a stage lacks count as unset)."""
     backbone, weights = getattr(args, "backbone", None), getattr(args, "backbone_weights", None)
     mean, std = getattr(args, "image_mean", None), getattr(args, "image_std", None)
     if weights and not backbone:
@@ -97,38 +97,38 @@ def _apply_model_options(profile: Profile, args: argparse.Namespace) -> None:
     if backbone:
         if not weights:
             raise ValueError("--backbone needs --backbone-weights PATH (a local checkpoint; nothing is downloaded)")
-        profile.backbone = open_clip_backbone(backbone, weights, mean, std)
+        profile = replace(profile, backbone=open_clip_backbone(backbone, weights, mean, std))
     else:
-        profile.backbone.mean = tuple(mean or profile.backbone.mean)
-        profile.backbone.std = tuple(std or profile.backbone.std)
+        backbone_config = profile.backbone
+        mean, std = tuple(mean or backbone_config.mean), tuple(std or backbone_config.std)
+        profile = replace(profile, backbone=replace(backbone_config, mean=mean, std=std))
 
     condition, condition_weights = getattr(args, "condition", None), getattr(args, "condition_weights", None)
     condition_mean, condition_std = getattr(args, "condition_mean", None), getattr(args, "condition_std", None)
     if not (condition or condition_weights):
         if condition_mean or condition_std:
             raise ValueError("--condition-mean/--condition-std need --condition MODEL")
-        return
+        return profile
     if not (condition and condition_weights):
         raise ValueError("--condition and --condition-weights go together")
     tower = open_clip_backbone(condition, condition_weights, condition_mean, condition_std)
-    profile.fit.condition.source = "open_clip"
-    profile.fit.condition.tower = tower.to_dict()
+    condition_config = replace(profile.fit.condition, source="open_clip", tower=tower.to_dict())
+    return replace(profile, fit=replace(profile.fit, condition=condition_config))
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from training.pretrain import pretrain
 
     profile = get_profile(args.profile)
-    _apply_model_options(profile, args)
+    profile = _apply_model_options(profile, args)
     dataset = _dataset(args)
     store = open_or_create_store(args.store, profile)
     _adopt(dataset, store, args)
     if store.has(BACKBONE_FILE) and not args.force:
         print(f"{args.store} already holds a pretrained backbone; pass --force to train it again")
         return
-    if args.steps is not None:
-        profile.pretrain.steps = args.steps
-    metrics = pretrain(dataset, store, profile.backbone, profile.pretrain, progress=not args.quiet)
+    config = profile.pretrain if args.steps is None else replace(profile.pretrain, steps=args.steps)
+    metrics = pretrain(dataset, store, profile.backbone, config, progress=not args.quiet)
     print(
         f"pretrained in {metrics['seconds']:.0f} s; mean val accuracy on seen locations {metrics['seen_val_mean']:.3f}"
     )
@@ -141,10 +141,8 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     dataset = _dataset(args)
     store = Store.open(args.store, required=[BACKBONE_FILE])
     _adopt(dataset, store, args)
-    zoo = profile.zoo
-    for name in ("interval", "workers", "runs", "checkpoints"):
-        if getattr(args, name) is not None:
-            setattr(zoo, name, getattr(args, name))
+    options = ("interval", "workers", "runs", "checkpoints")
+    zoo = replace(profile.zoo, **{name: getattr(args, name) for name in options if getattr(args, name) is not None})
     start = time.perf_counter()
     results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet)
     seen = [r for loc in dataset.locations("seen") for r in results.get(loc, [])]
@@ -159,7 +157,7 @@ def cmd_fit(args: argparse.Namespace) -> None:
     from training.fit import fit
 
     profile = get_profile(args.profile)
-    _apply_model_options(profile, args)
+    profile = _apply_model_options(profile, args)
     dataset = _dataset(args)
     store = Store.open(args.store, required=[BACKBONE_FILE])
     _adopt(dataset, store, args)
@@ -225,8 +223,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not result.in_distribution and result.fewshot is None:
         print(
             f"warning: the background is out of distribution (distance {result.distance:.2f} > threshold "
-            f"{threshold:.2f}); served {result.method} (policy {result.policy_applied}): a generated adapter can be "
-            "worse than the pretrained model here; adapt with a few labelled frames "
+            f"{threshold:.2f}); served {result.method} (policy {result.policy_applied}): no zero-shot adapter is "
+            "reliable this far from the seen locations; adapt with a few labelled frames "
             "(--shots ... --labels ... --refine-steps 10)",
             file=sys.stderr,
         )
@@ -272,7 +270,7 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
     from training.pipeline import run_pipeline
 
     profile = get_profile(args.profile)
-    _apply_model_options(profile, args)
+    profile = _apply_model_options(profile, args)
     dataset = _dataset(args)
     store = open_or_create_store(args.store, profile)
     _adopt(dataset, store, args)

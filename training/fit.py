@@ -65,7 +65,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitConfig:
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)

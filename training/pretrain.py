@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -28,7 +28,7 @@ from training.common import accuracy, augment, seed_everything
 from training.data import CCTDataset, DataError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PretrainConfig:
     steps: int = 2000
     batch_size: int = 128
@@ -51,7 +51,7 @@ def pretrain(
     dataset: CCTDataset, store: Store, backbone_config: BackboneConfig, config: PretrainConfig, progress: bool = True
 ) -> dict:
     generator = seed_everything(config.seed)
-    backbone_config.num_classes = len(dataset.categories)
+    backbone_config = replace(backbone_config, num_classes=len(dataset.categories))
     model = build_classifier(backbone_config)
     tower_lr = config.tower_lr if config.tower_lr is not None else (config.lr if backbone_config.kind == "vit" else 0.0)
     locations = dataset.locations("pretrain")

@@ -1,4 +1,4 @@
-"""Named profiles: every stage's config for `smoke` (tests, ~3 min), `demo` (the main job, ~20 min on
+"""Named profiles: every stage's config for `smoke` (tests, ~3 min), `demo` (the main job, ~25 min on
 2 CPU cores) and `paper` (paper scale, 19 classes, ~3,000 checkpoints, for a GPU)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from training.world import EXTRA_SPECIES, SPECIES, WorldConfig
 from training.zoo import ZooConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class Profile:
     name: str
     world: WorldConfig = field(default_factory=WorldConfig)

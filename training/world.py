@@ -103,7 +103,7 @@ UNSEEN_SHIFTS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
     image_size: int = 32

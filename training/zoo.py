@@ -37,7 +37,7 @@ from training.common import augment, seed_everything
 from training.data import CCTDataset, DataError, DatasetSpec, read_dataset
 
 
-@dataclass
+@dataclass(frozen=True)
 class ZooConfig:
     runs: int = 2  # independent runs per seen location
     reference_runs: int = 1  # runs per interp / unseen location (evaluation references)
@@ -49,7 +49,7 @@ class ZooConfig:
     workers: int = 2
     seed: int = 0  # data order of each run derives from it
     init_seed: int = 0  # the one LoRA initialisation every run starts from (see `finetune`)
-    folder: str = "zoo"  # the ablation writes zoo_interval<k>/ beside the main zoo
+    folder: str = "zoo"  # always "zoo" (studies use sub-stores); kept so existing stores keep their stage keys
 
 
 @dataclass

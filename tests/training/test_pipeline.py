@@ -2,7 +2,7 @@
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -74,7 +74,7 @@ def test_changed_config_redoes_the_stage_and_everything_after_it(world):
     profile = get_profile("smoke")
     run_pipeline(dataset, store, profile, stages=recorder.stages(), progress=False)
     recorder.calls.clear()
-    profile.pretrain.steps += 1  # stage a's config
+    profile = replace(profile, pretrain=replace(profile.pretrain, steps=profile.pretrain.steps + 1))  # stage a's
     run_pipeline(dataset, store, profile, stages=recorder.stages(), progress=False)
     assert recorder.calls == [("a", True), ("b", True), ("c", True)]  # b and c: their input file changed
 
