@@ -262,7 +262,8 @@ def paired(rows: list[dict], config: EvalConfig, against: str = "knn_blend") -> 
         if not pairs:
             continue
         diffs = torch.tensor([a - b for a, b in pairs], dtype=torch.float64)
-        picks = torch.randint(len(diffs), (config.bootstrap, len(diffs)), generator=torch.Generator().manual_seed(config.seed))
+        generator = torch.Generator().manual_seed(config.seed)
+        picks = torch.randint(len(diffs), (config.bootstrap, len(diffs)), generator=generator)
         means = diffs[picks].mean(1)
         low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
         out[name] = {"diff": float(diffs.mean()), "ci95": [low, high], "locations": len(diffs)}
