@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from model_store.inference import SERVING_FILE, ServingTable
 
 from model_store.generator import Generator
+from model_store.inference import SERVING_FILE, ServingTable
 from model_store.ood import FALLBACK_FILE, load_fallback
 from model_store.store import Store
 from training.data import CCTDataset
