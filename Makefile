@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --upgrade pip
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install -e ".[dev,ray]"
 	$(BIN)/python -c "import open_clip, peft, diffusers"
 	touch $@
 

@@ -1,6 +1,6 @@
 """A small Python client for the service (httpx).
 
-    with WildPDiffClient("http://127.0.0.1:8000") as client:
+    with WildPDiffClient("http://127.0.0.1:8000", api_key=os.environ.get("WILDPDIFF_API_KEY")) as client:
         adapter = client.generate_adapter("background.jpg", seed=0)  # or several frames: ["day.jpg", "night.jpg"]
         Path(f"{adapter.id}.safetensors").write_bytes(adapter.data)
         result = client.classify(["frame1.jpg", "frame2.jpg"], adapter_id=adapter.id)
@@ -10,8 +10,9 @@
         # a method of your own instead of the store's serving table (adapter.method says what served)
         adapter = client.generate_adapter("bg.jpg", method="knn_blend")
 
-A refusal raises `WildPDiffError` with the server's status and message. When the server is busy (429) the
-client waits for `Retry-After` and tries again, `retries` times.
+A refusal raises `WildPDiffError` with the server's status and message. When the server is busy (429), past a
+request's deadline or shutting down (503), the client waits for `Retry-After` and tries again, `retries` times.
+`api_key`: one of the server's keys when it has any (sent as `Authorization: Bearer <key>`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Literal
 import httpx
 
 FileLike = str | Path | bytes  # a path, or the file's bytes
+RETRIED = (429, 503)  # busy, or past the deadline / shutting down: both say Retry-After
 Method = Literal["generate", "anchored", "knn_blend", "nearest"]
 
 
@@ -40,7 +42,7 @@ class GeneratedAdapter:
     data: bytes  # safetensors bytes, or a zip of a PEFT folder (format="peft")
     condition_distance: float
     in_distribution: bool  # condition distance <= the server's OOD threshold
-    policy_applied: str  # generate | fallback-nearest | fallback-base | fewshot
+    policy_applied: str  # generate | fallback-nearest | fallback-base | zerolabel | fewshot
     method: str  # what served: generate | anchored | knn_blend | nearest | base | fewshot
     headers: httpx.Headers
 
@@ -58,9 +60,10 @@ def _file(field: str, item: FileLike, default_name: str) -> tuple[str, tuple[str
 
 
 class WildPDiffClient:
-    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 2):
+    def __init__(self, base_url: str, timeout: float = 120.0, retries: int = 2, api_key: str | None = None):
         self.retries = retries
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=headers)
 
     def __enter__(self) -> WildPDiffClient:
         return self
@@ -74,7 +77,7 @@ class WildPDiffClient:
     def _request(self, method: str, url: str, **kwargs) -> httpx.Response:
         for attempt in range(self.retries + 1):
             response = self._http.request(method, url, **kwargs)
-            if response.status_code != 429 or attempt == self.retries:
+            if response.status_code not in RETRIED or attempt == self.retries:
                 break
             time.sleep(float(response.headers.get("Retry-After", "1")))
         if response.is_error:
@@ -96,11 +99,13 @@ class WildPDiffClient:
         labels: list[str] | None = None,
         refine_steps: int = 0,
         method: Method | None = None,
+        frames: list[FileLike] | None = None,
     ) -> GeneratedAdapter:
         """`background`: one empty frame of the location, or several (day and night; the server combines them).
         `policy` overrides the server's out-of-distribution policy and `method` the store's serving table;
         `shots` (labelled frames, one class name per file in `labels`) make it choose among generated
-        candidates on them, then refine `refine_steps`."""
+        candidates on them, then refine `refine_steps`; else unlabelled `frames` of the location let the server
+        choose and adapt without labels, as the store's serving table says for the region."""
         data: dict[str, str | list[str]] = {"seed": str(seed), "format": format, "refine_steps": str(refine_steps)}
         if steps is not None:
             data["steps"] = str(steps)
@@ -112,6 +117,7 @@ class WildPDiffClient:
             data["labels"] = list(labels)
         files = _frames(background)
         files += [_file("shots", shot, f"shot{i}") for i, shot in enumerate(shots or [])]
+        files += [_file("frames", frame, f"frame{i}") for i, frame in enumerate(frames or [])]
         response = self._request("POST", "/adapters", files=files, data=data)
         return GeneratedAdapter(
             id=response.headers["X-Adapter-Id"],

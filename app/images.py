@@ -8,6 +8,7 @@ file can declare a huge canvas; truncated files are errors, not silently padded.
 from __future__ import annotations
 
 import io
+from typing import BinaryIO
 
 from PIL import Image, UnidentifiedImageError
 
@@ -23,6 +24,18 @@ def _claimed_format(data: bytes) -> str | None:
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
     return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+
+
+def image_pixels(file: BinaryIO) -> int:
+    """Width x height from an upload's header, without decoding it; 0 for what is not a readable image (the
+    decoder refuses it later, saying why). Leaves the file at its start."""
+    try:
+        with Image.open(file, formats=FORMATS) as image:
+            return image.width * image.height
+    except Exception:  # any header a decoder trips on
+        return 0
+    finally:
+        file.seek(0)
 
 
 def decode_image(data: bytes, name: str, max_pixels: int) -> Image.Image:

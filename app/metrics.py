@@ -1,7 +1,8 @@
 """Prometheus metrics for `GET /metrics`, in a registry per app (so tests can build many apps).
 
 Request metrics are labelled by route template (`/adapters`), never by raw path, so a scanner probing
-random URLs cannot blow up the number of series: unmatched paths share the label `unmatched`.
+random URLs cannot blow up the number of series: unmatched paths share the label `unmatched`, and methods
+outside HTTP's standard ones the label `other`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
 class Metrics:
@@ -33,6 +35,7 @@ class Metrics:
         self.queue_depth = Gauge(
             "wildpdiff_queue_depth", "requests admitted and not finished (running + waiting)", registry=self.registry
         )
+        self.in_flight = Gauge("wildpdiff_requests_in_flight", "HTTP requests being answered", registry=self.registry)
 
 
 class MetricsMiddleware:
@@ -52,10 +55,12 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        self.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_status)
         finally:
+            self.metrics.in_flight.dec()
             route = getattr(scope.get("route"), "path", "unmatched")
-            method = scope["method"]
+            method = scope["method"] if scope["method"] in HTTP_METHODS else "other"
             self.metrics.requests.labels(route, method, str(status)).inc()
             self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)

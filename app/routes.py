@@ -8,12 +8,15 @@ from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFil
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app import schemas
+from app.budget import check_request_pixels
+from app.errors import ApiError
 from app.runtime import Adapter, Generation, Runtime, Upload
 from model_store.inference import METHODS
 
 router = APIRouter()
 
-ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 404, 413, 415, 422, 429)}
+ERRORS = {code: {"model": schemas.ErrorOut} for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+GET_ERRORS = {code: {"model": schemas.ErrorOut} for code in (401, 503)}  # a missing API key; draining
 MAX_SEED = 2**32 - 1
 
 
@@ -65,7 +68,7 @@ ADAPTER_RESPONSE = {
             "distance to the nearest seen location (1 = typical of training frames; several frames: the smallest)"
         ),
         "X-In-Distribution": header_doc("true when the distance is within the OOD threshold (see /info)"),
-        "X-Policy-Applied": header_doc("generate | fallback-nearest | fallback-base | fewshot"),
+        "X-Policy-Applied": header_doc("generate | fallback-nearest | fallback-base | zerolabel | fewshot"),
         "X-Method": header_doc(
             "what served: generate | anchored | knn_blend | nearest | base (fallback without means) | fewshot"
         ),
@@ -73,7 +76,12 @@ ADAPTER_RESPONSE = {
 }
 
 
-@router.post("/adapters", response_class=Response, responses={200: ADAPTER_RESPONSE, **ERRORS})
+@router.post(
+    "/adapters",
+    response_class=Response,
+    responses={200: ADAPTER_RESPONSE, **ERRORS},
+    dependencies=[Depends(check_request_pixels)],
+)
 async def create_adapter(
     runtime: RuntimeDep,
     background: Annotated[
@@ -88,8 +96,13 @@ async def create_adapter(
     shots: Annotated[list[UploadFile] | None, File(description="labelled frames of the location (few-shot)")] = None,
     labels: Annotated[list[str] | None, Form(description="one class name per shot file")] = None,
     refine_steps: Annotated[int, Form(ge=0, description="gradient steps on the shots after selection")] = 0,
+    frames: Annotated[
+        list[UploadFile] | None,
+        File(description="unlabelled frames of the location (animals in them, no labels): zero-label adaptation"),
+    ] = None,
 ) -> Response:
-    """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given).
+    """Generate a LoRA adapter for the location shown in `background` (chosen on `shots` when given, else
+    chosen and adapted on unlabelled `frames` when given, as the store's serving table says for the region).
 
     Several `background` frames (e.g. day and night) are combined by the server's frame rule (default: the
     mean of their condition features)."""
@@ -101,6 +114,7 @@ async def create_adapter(
         shots=tuple([await to_upload(shot, f"shots[{i}]") for i, shot in enumerate(shots or [])]),
         labels=tuple(labels or []),
         refine_steps=refine_steps,
+        frames=tuple([await to_upload(frame, f"frames[{i}]") for i, frame in enumerate(frames or [])]),
     )
     backgrounds = [await to_upload(frame, f"background[{i}]") for i, frame in enumerate(background)]
     adapter = await runtime.create_adapter(backgrounds, generation)
@@ -111,12 +125,17 @@ async def create_adapter(
     return Response(body, media_type=media_type, headers=headers)
 
 
-@router.post("/classify", response_model=schemas.ClassifyOut, responses=ERRORS)
+@router.post(
+    "/classify", response_model=schemas.ClassifyOut, responses=ERRORS, dependencies=[Depends(check_request_pixels)]
+)
 async def classify(
     runtime: RuntimeDep,
+    request: Request,
     response: Response,
     images: Annotated[list[UploadFile], File(description="one or more frames to classify")],
-    adapter_id: Annotated[str | None, Form(max_length=64, description="an id returned by /adapters")] = None,
+    adapter_id: Annotated[
+        str | None, Form(min_length=1, max_length=64, description="an id returned by /adapters")
+    ] = None,
     adapter: Annotated[UploadFile | None, File(description="a safetensors adapter")] = None,
     background: Annotated[
         list[UploadFile] | None, File(description="generate an adapter from this frame (or frames) first")
@@ -128,6 +147,9 @@ async def classify(
 ) -> schemas.ClassifyOut:
     """Classify frames with one adapter (by id, uploaded, or generated from a background) or none; `X-Method`
     says what served a generated one."""
+    if adapter_id is None and (await request.form()).get("adapter_id") == "":
+        # FastAPI reads an empty form field as absent, which would silently mean the base model
+        raise ApiError(422, "adapter_id: empty; give an id from /adapters, or leave the field out for the base model")
     chosen, predictions = await runtime.classify(
         [await to_upload(image, f"images[{i}]") for i, image in enumerate(images)],
         adapter_id=adapter_id,
@@ -146,19 +168,20 @@ async def healthz() -> schemas.HealthOut:
     return schemas.HealthOut(status="ok")
 
 
-@router.get("/readyz", response_model=schemas.HealthOut)
+@router.get("/readyz", response_model=schemas.HealthOut, responses={503: {"model": schemas.ErrorOut}})
 async def readyz() -> schemas.HealthOut:
-    """The store is loaded and verified: `create_app` refuses to build an app otherwise."""
+    """The store is loaded and its generator's files verified (`create_app` refuses to build an app otherwise);
+    503 while the server drains (app/drain.py)."""
     return schemas.HealthOut(status="ready")
 
 
-@router.get("/info", response_model=schemas.InfoOut)
+@router.get("/info", response_model=schemas.InfoOut, responses=GET_ERRORS)
 async def info(runtime: RuntimeDep) -> schemas.InfoOut:
     """Classes, LoRA layout, versions and id of the loaded store."""
     return schemas.InfoOut(**runtime.info())
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}, **GET_ERRORS})
 async def metrics(runtime: RuntimeDep) -> Response:
     """Prometheus metrics."""
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -5,7 +5,8 @@ Concurrency. All torch work runs on ONE inference thread, never on the event loo
 shared classifier for the duration of the call: two threads would see each other's adapters. Torch's own
 intra-op threads use the cores instead. In front of that thread, at most `max_pending` requests are
 admitted (running + waiting); the next one is refused at once with 429 + Retry-After rather than queued
-without bound, as trusted model servers do.
+without bound, as trusted model servers do. Each request also has a deadline (`app/budget.py`): past it the
+client gets 503, and the inference thread drops the request's work at its next check.
 
 What a generated adapter is comes from `model_store.inference.infer`, the path `wildpdiff generate` takes too,
 so the CLI and the service answer the same frame and options with the same tensors and policy.
@@ -36,8 +37,10 @@ from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from app.budget import NO_DEADLINE, Deadline, DeadlineExceeded
 from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
@@ -80,6 +83,7 @@ class Generation:
     shots: tuple[Upload, ...] = ()  # labelled frames of the location, for few-shot selection (model_store/adapt.py)
     labels: tuple[str, ...] = ()  # one class name per shot
     refine_steps: int = 0
+    frames: tuple[Upload, ...] = ()  # unlabelled frames of the location (model_store/zerolabel.py)
 
 
 @dataclass
@@ -89,7 +93,7 @@ class Adapter:
     metadata: dict[str, str]  # the safetensors __metadata__ (str -> str)
     distance: float | None  # condition distance to the nearest seen location (generated adapters only)
     in_distribution: bool | None  # distance <= the OOD threshold (generated adapters only)
-    policy_applied: str | None = None  # generate | fallback-nearest | fallback-base | fewshot (generated only)
+    policy_applied: str | None = None  # generate | fallback-* | zerolabel | fewshot (generated only)
     method: str | None = None  # what served (`model_store.inference.Inference.method`; generated only)
 
 
@@ -136,6 +140,7 @@ class Runtime:
         self.max_steps = generator.scheduler_config["num_train_timesteps"]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-inference")
         self._pending = 0
+        self._deadline = NO_DEADLINE  # of the job on the inference thread; only that thread reads it
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -168,16 +173,35 @@ class Runtime:
             self._pending -= 1
             self.metrics.queue_depth.set(self._pending)
 
-    async def _run(self, fn: Callable[..., T], *args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def _run(self, deadline: Deadline, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` on the inference thread; 503 once `deadline` passes, whether it waits or runs."""
+
+        def job() -> T:
+            deadline.check()  # waited in the queue past it: its client has had the 503 already
+            self._deadline = deadline
+            return fn(*args)
+
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self._executor, job)
+            return await asyncio.wait_for(future, deadline.remaining())
+        except (TimeoutError, DeadlineExceeded):
+            raise ApiError(
+                503,
+                f"the request did not finish within its deadline of {deadline.seconds:g} s (request_timeout_s): "
+                "the server is busy or the request too heavy; retry later or send less work",
+                {"Retry-After": str(self.settings.retry_after_s)},
+            ) from None
 
     # --- generation
 
     def _adapter_id(self, *parts: str) -> str:
         return hashlib.sha256("\0".join([self.generator.store_id, *parts]).encode()).hexdigest()[:32]
 
-    async def create_adapter(self, backgrounds: list[Upload], request: Generation) -> Adapter:
+    async def create_adapter(
+        self, backgrounds: list[Upload], request: Generation, deadline: Deadline | None = None
+    ) -> Adapter:
         """An adapter for the location that `backgrounds` (one or more of its empty frames) show."""
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
         steps = request.steps or self.settings.default_steps
         if not 1 <= len(backgrounds) <= self.settings.max_backgrounds:
             raise ApiError(
@@ -185,10 +209,20 @@ class Runtime:
             )
         if steps > self.max_steps:
             raise ApiError(422, f"steps: at most {self.max_steps} for this store (its scheduler's timesteps)")
+        if steps > self.settings.max_steps:
+            raise ApiError(422, f"steps: at most {self.settings.max_steps} (max_steps)")
         if request.refine_steps > self.settings.max_refine_steps:
             raise ApiError(422, f"refine_steps: at most {self.settings.max_refine_steps}")
+        if (work := len(request.shots) * request.refine_steps) > self.settings.max_refine_work:
+            raise ApiError(
+                422,
+                f"{len(request.shots)} shots x {request.refine_steps} refine_steps = {work}, more than the limit of "
+                f"{self.settings.max_refine_work} (max_refine_work); send fewer shots or fewer refine_steps",
+            )
         if len(request.shots) > self.settings.max_images:
             raise ApiError(400, f"{len(request.shots)} shots in one request; the limit is {self.settings.max_images}")
+        if len(request.frames) > self.settings.max_frames:
+            raise ApiError(400, f"{len(request.frames)} frames in one request; the limit is {self.settings.max_frames}")
         if request.shots or request.labels:
             try:
                 labels_to_indices(list(request.labels), self.generator.classes, len(request.shots))
@@ -209,17 +243,19 @@ class Runtime:
             *(hashlib.sha256(shot.data).hexdigest() for shot in request.shots),
             *request.labels,
             str(request.refine_steps),
+            "frames",
+            *(hashlib.sha256(frame.data).hexdigest() for frame in request.frames),
         )
         if cached := self.cache.get(adapter_id):
             return cached
         with self._admit():
-            adapter = await self._run(self._generate, adapter_id, backgrounds, request)
+            adapter = await self._run(deadline, self._generate, adapter_id, backgrounds, request)
         self.metrics.generations.inc()
         self.cache.put(adapter)
         return adapter
 
     def _generate(self, adapter_id: str, backgrounds: list[Upload], request: Generation) -> Adapter:
-        images = [decode_image(b.data, b.name, self.settings.max_image_pixels) for b in backgrounds]
+        images = [self._decode(b) for b in backgrounds]
         options = InferenceOptions(
             seed=request.seed,
             steps=request.steps,
@@ -230,6 +266,8 @@ class Runtime:
             labels=request.labels,
             refine_steps=request.refine_steps,
             candidates=self.settings.fewshot_candidates,
+            frames=self._pixels(list(request.frames)) if request.frames else None,
+            zerolabel_seconds=self.settings.zerolabel_seconds,
         )
         try:
             result = infer(self.generator, images, options, table=self.serving, ood_threshold=self.ood_threshold)
@@ -272,7 +310,6 @@ class Runtime:
             validate_adapter(state, self.generator.shapes)
         except ValueError as e:
             raise ApiError(422, f"{upload.name}: {e}") from None
-        state = {key: tensor.float() for key, tensor in state.items()}
         digest = hashlib.sha256(adapter_bytes(state, {})).hexdigest()
         adapter_id = self._adapter_id("uploaded", digest)
         return Adapter(adapter_id, state, {"adapter_id": adapter_id}, None, None)
@@ -292,18 +329,19 @@ class Runtime:
             raise ApiError(422, "give at most one of adapter_id, adapter, background")
         if len(images) > self.settings.max_images:
             raise ApiError(400, f"{len(images)} images in one request; the limit is {self.settings.max_images}")
+        deadline = Deadline(self.settings.request_timeout_s)
         chosen = None
         if adapter_id is not None:
             chosen = self.cache.get(adapter_id)
             if chosen is None:
                 raise ApiError(404, f"unknown adapter id {adapter_id!r} (expired or never created): post it again")
         elif backgrounds:
-            chosen = await self.create_adapter(backgrounds, generation)
+            chosen = await self.create_adapter(backgrounds, generation, deadline)
         with self._admit():
             if adapter is not None:
-                chosen = await self._run(self._parse_adapter, adapter)
+                chosen = await self._run(deadline, self._parse_adapter, adapter)
                 self.cache.put(chosen)
-            predictions = await self._run(self._classify, images, chosen)
+            predictions = await self._run(deadline, self._classify, images, chosen)
         return chosen, predictions
 
     def _classify(self, uploads: list[Upload], adapter: Adapter | None) -> list[Prediction]:
@@ -316,6 +354,9 @@ class Runtime:
                 state = {key: tensor.to(self.device) for key, tensor in adapter.state.items()}
                 logits = adapted_logits(g.classifier, state, g.layout, pixels)
             probs = logits.float().softmax(dim=-1).cpu()
+        if not torch.isfinite(probs).all():
+            # Only an adapter can do this (weights within the limits, yet too large together): never send NaN.
+            raise ApiError(422, "the adapter makes the classifier's scores overflow (NaN or infinite)")
         k = min(self.settings.top_k, probs.shape[1])
         scores, indices = probs.topk(k, dim=1)
         predictions = []
@@ -329,8 +370,14 @@ class Runtime:
         # Shrink each image to the model's size as soon as it is decoded: 64 highly compressible 40 MP
         # images fit in one upload, but must never be held in memory at full size all at once.
         size = self.generator.backbone_config.image_size
-        small = [to_uint8(decode_image(u.data, u.name, self.settings.max_image_pixels), size) for u in uploads]
+        small = [to_uint8(self._decode(upload), size) for upload in uploads]
         return normalize(torch.from_numpy(np.stack(small)).to(self.device), self.generator.backbone_config)
+
+    def _decode(self, upload: Upload) -> Image.Image:
+        """One upload, on the inference thread; decoding is a request's main cost, so the deadline is checked
+        before each image."""
+        self._deadline.check()
+        return decode_image(upload.data, upload.name, self.settings.max_image_pixels)
 
     # --- description
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
@@ -31,6 +31,15 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest width x height of one image")
     max_images: int = Field(64, ge=1, description="most images in one /classify request")
     max_backgrounds: int = Field(16, ge=1, description="most background frames in one request")
+    # Work limits per request (app/budget.py), sized so the heaviest legal request takes under ~5 s on 2 cores
+    # (`python -m bench.heavy`). Decoding dominates, ~0.7 s per 40 MP PNG however well it compresses; then
+    # few-shot refinement, ~1 ms per shot and step.
+    max_request_pixels: int = Field(
+        64_000_000, ge=1, description="most pixels (width x height) over all images of one request"
+    )
+    max_steps: int = Field(100, ge=1, description="most DDIM steps a request may ask for")
+    max_refine_work: int = Field(1600, ge=0, description="most shots x refine_steps in one request")
+    request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request's model work, queue included")
 
     # Work limits: requests beyond `max_pending` (running + waiting) are refused with 429 + Retry-After.
     max_pending: int = Field(16, ge=1)
@@ -57,6 +66,23 @@ class Settings(BaseSettings):
     # Few-shot requests (`shots` + `labels`): generated candidates scored on the shots, and the refinement cap.
     fewshot_candidates: int = Field(16, ge=1, le=256)
     max_refine_steps: int = Field(100, ge=0)
+    # Zero-label requests (`frames`, unlabelled frames of the location; model_store/zerolabel.py): how many one
+    # request may carry, and the bound on one adaptation (64 frames took about 1 s on 2 demo cores).
+    max_frames: int = Field(256, ge=1, description="most unlabelled frames in one request")
+    zerolabel_seconds: float = Field(3.0, gt=0, description="longest zero-label adaptation")
+
+    # API keys (app/auth.py): when any is set, every route but /healthz and /readyz needs
+    # `Authorization: Bearer <key>`. Comma-separated here, or one per line in a file; both may be given.
+    api_keys: SecretStr | None = None
+    api_keys_file: Path | None = None
+    # SIGTERM (`wildpdiff serve`, app/drain.py): refuse new requests, let the running ones finish for this long.
+    drain_grace_s: float = Field(20.0, ge=0)
+
+    @model_validator(mode="after")
+    def _default_steps_within_limit(self) -> Settings:
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
+        return self
 
     def intra_op_threads(self) -> int:
         """`torch_threads`, or all cores of this process but one (at least 1)."""

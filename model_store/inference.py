@@ -21,7 +21,11 @@ What is served:
 3. The out-of-distribution policy (distance > threshold): `reject` raises `OutOfDistribution`; `fallback` turns
    a generated answer into the nearest location's mean adapter (the all-zero adapter, i.e. the pretrained
    backbone, without means), and leaves a retrieval or anchored answer as it is; `generate` serves as chosen.
-4. With labelled shots, few-shot selection (`model_store.adapt`) decides instead of 2 and 3 (reject still
+4. With unlabelled frames of the location (and no shots), the answer of 2 and 3 is the default that
+   `model_store.zerolabel` may replace by a candidate (the other methods, more generated seeds, the base model)
+   and adapt on the frames, as the region's zero-label setting says (chosen on val by `wildpdiff evaluate`;
+   none: the frames change nothing). Policy applied: `zerolabel`.
+5. With labelled shots, few-shot selection (`model_store.adapt`) decides instead of 2, 3 and 4 (reject still
    refuses).
 """
 
@@ -40,9 +44,11 @@ from model_store.adapt import FewShotConfig, FewShotResult, adapt, labels_to_ind
 from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES, Generator
 from model_store.lora import unflatten
 from model_store.store import Store, StoreError
+from model_store.zerolabel import ZeroLabelConfig, ZeroLabelResult, zero_label
 
 SERVING_FILE = "serving.json"
 METHODS = ("generate", "anchored", "knn_blend", "nearest")
+ZEROLABEL_SEEDS = 4  # generated candidates (seeds seed..seed+3) a zero-label choice may pick from
 RETRIEVAL_METHODS = ("anchored", "knn_blend", "nearest")  # need `Generator.location_means`
 POLICIES = ("generate", "fallback", "reject")
 DEFAULT_POLICY = "fallback"
@@ -73,10 +79,29 @@ class Region:
     max_distance: float | None  # None: unbounded (the last region)
     method: str
     locations: int | None = None  # evaluated locations that fell in the region when the table was chosen
+    # With unlabelled frames (`model_store.zerolabel`): the selection margin (None: keep the default), the
+    # adaptation steps, and the fewest frames they need; the default (None, 0) leaves the answer as it is.
+    zerolabel_margin: float | None = None
+    zerolabel_steps: int = 0
+    zerolabel_min_frames: int = 1
+
+    def zerolabel(self, frames: int, max_seconds: float) -> ZeroLabelConfig:
+        """The zero-label setting for a request with `frames` unlabelled frames (off below the minimum)."""
+        if frames < self.zerolabel_min_frames:
+            return ZeroLabelConfig(max_seconds=max_seconds)
+        return ZeroLabelConfig(self.zerolabel_margin, self.zerolabel_steps, max_seconds=max_seconds)
 
     def to_dict(self) -> dict:
         out = {"region": self.name, "max_distance": self.max_distance, "method": self.method}
-        return out if self.locations is None else {**out, "locations": self.locations}
+        if self.locations is not None:
+            out["locations"] = self.locations
+        if self.zerolabel_margin is not None or self.zerolabel_steps:
+            out["zerolabel"] = {
+                "select_margin": self.zerolabel_margin,
+                "steps": self.zerolabel_steps,
+                "min_frames": self.zerolabel_min_frames,
+            }
+        return out
 
 
 @dataclass(frozen=True)
@@ -109,9 +134,12 @@ class ServingTable:
         if not 0.0 <= self.anchored_strength <= 1.0:
             raise ValueError(f"anchored strength must be in [0, 1], got {self.anchored_strength}")
 
+    def region_for(self, distance: float) -> Region:
+        return next(r for r in self.regions if r.max_distance is None or r.max_distance >= distance)
+
     def method_for(self, distance: float) -> tuple[str, str]:
         """A condition distance -> (region, method)."""
-        region = next(r for r in self.regions if r.max_distance is None or r.max_distance >= distance)
+        region = self.region_for(distance)
         return region.name, region.method
 
     @classmethod
@@ -121,7 +149,7 @@ class ServingTable:
         try:
             regions = tuple(
                 Region(r["region"], None if r["max_distance"] is None else float(r["max_distance"]), r["method"],
-                       r.get("locations"))
+                       r.get("locations"), *_zerolabel_fields(r.get("zerolabel")))
                 for r in data["regions"]
             )  # fmt: skip
             return cls(
@@ -142,6 +170,14 @@ class ServingTable:
             "anchored": {"strength": self.anchored_strength},
             "chosen_on": self.chosen_on,
         }
+
+
+def _zerolabel_fields(data: dict | None) -> tuple[float | None, int, int]:
+    """A region's "zerolabel" entry (absent in tables written before it existed) -> (margin, steps, min frames)."""
+    if data is None:
+        return None, 0, 1
+    margin = data["select_margin"]
+    return (None if margin is None else float(margin)), int(data["steps"]), int(data.get("min_frames", 1))
 
 
 ServingTable.DEFAULT = ServingTable((Region("all", None, "generate"),), chosen_on="default (no serving.json)")
@@ -191,6 +227,9 @@ class InferenceOptions:
     labels: tuple[str, ...] = ()  # one class name per shot
     refine_steps: int = 0
     candidates: int = 16  # generated few-shot candidates
+    frames: torch.Tensor | None = None  # (N, 3, H, W) normalised UNLABELLED frames of the location (zero-label)
+    zerolabel: ZeroLabelConfig | None = None  # None: the serving table's setting for the condition's region
+    zerolabel_seconds: float = 3.0  # bound on one adaptation under the table's setting
 
     def __post_init__(self):
         if self.frame_rule not in FRAME_RULES:
@@ -212,11 +251,12 @@ class Inference:
     metadata: dict[str, str]  # safetensors __metadata__ (str -> str)
     method: str  # what served: one of METHODS, "base" (fallback without means) or "fewshot"
     region: str  # the serving table's region of the distance
-    policy_applied: str  # generate (served as chosen) | fallback-nearest | fallback-base | fewshot
+    policy_applied: str  # generate (served as chosen) | fallback-nearest | fallback-base | zerolabel | fewshot
     distance: float  # condition distance (~1 typical of the training frames)
     in_distribution: bool  # distance <= the threshold
     nearest_location: str
     fewshot: FewShotResult | None = None
+    zerolabel: ZeroLabelResult | None = None
 
 
 def check_method(generator: Generator, method: str | None) -> None:
@@ -266,7 +306,7 @@ def infer(
         "frame_rule": options.frame_rule,
         "region": region,
     }
-    fewshot = None
+    fewshot = zerolabel = None
     if options.shots is not None:
         # The shots choose among generated, nearest-location and base adapters: they decide, not the policy.
         config = FewShotConfig(options.candidates, options.refine_steps)
@@ -284,10 +324,37 @@ def infer(
             vector, method, applied = torch.zeros(g.vae.num_params), "base", "fallback-base"
     else:
         vector, applied = method_vector(g, condition, method, options.seed, options.steps, table), "generate"
+    if options.shots is None and options.frames is not None:
+        frames = len(options.frames)
+        config = options.zerolabel or table.region_for(distance).zerolabel(frames, options.zerolabel_seconds)
+        candidates = {method: vector}
+        if config.select_margin is not None:
+            candidates.update(zerolabel_candidates(g, condition, options.seed, options.steps, table, exclude=method))
+        zerolabel = zero_label(g, candidates, options.frames, config)
+        vector, applied = zerolabel.vector, "zerolabel"
+        method = "generate" if zerolabel.source.startswith("generated:") else zerolabel.source
+        metadata.update(zerolabel.metadata())
     metadata.update(method=method, policy_applied=applied)
     state = {key: tensor.contiguous() for key, tensor in unflatten(vector, g.shapes).items()}
     return Inference(vector, state, metadata, method, region, applied, distance, in_distribution, nearest_location,
-                     fewshot)  # fmt: skip
+                     fewshot, zerolabel)  # fmt: skip
+
+
+def zerolabel_candidates(
+    generator: Generator, condition: torch.Tensor, seed: int, steps: int, table: ServingTable, exclude: str = ""
+) -> dict[str, torch.Tensor]:
+    """What a zero-label choice may pick instead of the default: every other method the store can serve,
+    `ZEROLABEL_SEEDS` generated samples (one batched call) and the base model (the all-zero adapter)."""
+    candidates = {}
+    methods = [m for m in RETRIEVAL_METHODS if m != exclude] if generator.location_means is not None else []
+    for method in methods:
+        candidates[method] = method_vector(generator, condition, method, seed, steps, table)
+    seeds = [seed + i for i in range(ZEROLABEL_SEEDS)]
+    with torch.inference_mode():
+        generated = generator.generate_vectors(condition.expand(len(seeds), -1), seeds, steps)  # (S, P)
+    candidates.update({f"generated:{s}": vector for s, vector in zip(seeds, generated, strict=True)})
+    candidates["base"] = torch.zeros(generator.vae.num_params)
+    return candidates
 
 
 @torch.inference_mode()

@@ -23,6 +23,7 @@ callers serialise model work (the service runs it on a single inference thread).
 
 from __future__ import annotations
 
+import json
 import math
 import tempfile
 from dataclasses import asdict, dataclass
@@ -36,9 +37,13 @@ from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch.func import functional_call
 
 from model_store.backbone import Classifier
-from model_store.store import atomic_write_bytes, safetensors_bytes, safetensors_metadata
+from model_store.store import atomic_write_bytes, safetensors_bytes
 
 PREFIX = "base_model.model."  # what PeftModel puts in front of the classifier's module names
+# What an adapter file may hold: float32, as the store and `wildpdiff generate` write, with weights no larger
+# than MAX_ADAPTER_ABS. Zoo checkpoints stay below 1; 100 keeps the logits of the adapted classifier finite.
+ADAPTER_DTYPES = ("F32",)
+MAX_ADAPTER_ABS = 100.0
 
 
 @dataclass
@@ -141,13 +146,16 @@ def _check_keys_and_shapes(state: dict[str, torch.Tensor], shapes: dict[str, tup
 
 
 def validate_adapter(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> None:
-    """Refuse (ValueError) an adapter whose keys, shapes, dtypes or values do not fit the layout."""
+    """Refuse (ValueError) an adapter whose keys, shapes, dtypes or values do not fit the layout: float32 only
+    (what the store and `wildpdiff generate` write), finite, and |w| <= `MAX_ADAPTER_ABS`."""
     _check_keys_and_shapes(state, shapes)
     for key, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise ValueError(f"{key!r}: dtype {tensor.dtype}, expected a floating-point tensor")
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"{key!r}: dtype {tensor.dtype}, expected float32")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{key!r}: contains NaN or infinite values")
+        if tensor.numel() and (largest := tensor.abs().max().item()) > MAX_ADAPTER_ABS:
+            raise ValueError(f"{key!r}: a weight of magnitude {largest:.3g}, above the limit of {MAX_ADAPTER_ABS:g}")
 
 
 def flatten(state: dict[str, torch.Tensor], shapes: dict[str, tuple[int, ...]]) -> torch.Tensor:
@@ -194,12 +202,36 @@ def adapter_bytes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> b
     return safetensors_bytes(state, {"format": "pt", **metadata})
 
 
-def load_adapter_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Parse safetensors bytes (never pickle) -> (state, metadata); anything else is a ValueError."""
+def adapter_header(data: bytes) -> dict:
+    """The JSON header of safetensors bytes, checked before the loader sees them: every tensor an entry with a
+    dtype in `ADAPTER_DTYPES` (the loader itself raises KeyError on dtypes it does not know, and torch has no
+    kernels for float8 or packed float4). ValueError naming the tensor otherwise."""
+    if len(data) < 8 or (n := int.from_bytes(data[:8], "little")) > len(data) - 8:
+        raise ValueError("not a valid safetensors adapter: header length beyond the end of the file")
     try:
-        return safetensors.torch.load(data), safetensors_metadata(data)
-    except safetensors.SafetensorError as e:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"not a valid safetensors adapter: header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("not a valid safetensors adapter: header is not a JSON object")
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in ADAPTER_DTYPES:
+            raise ValueError(f"{key!r}: dtype {dtype!r}, expected one of {', '.join(ADAPTER_DTYPES)}")
+    return header
+
+
+def load_adapter_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Parse safetensors bytes (never pickle) of float32 tensors -> (state, metadata); anything else is a
+    ValueError."""
+    header = adapter_header(data)
+    try:
+        state = safetensors.torch.load(data)
+    except Exception as e:  # any failure inside the loader is the file's fault, not ours
         raise ValueError(f"not a valid safetensors adapter: {e}") from None
+    return state, header.get("__metadata__", {})
 
 
 # -----------------------------------------------------------------------------

@@ -5,7 +5,9 @@ names, every component's config and, for every file, its sha256 and size. Every 
 manifest: a file that is unlisted, missing, truncated or altered is refused with a `StoreError` naming it.
 
 Writes are atomic (temp file in the same folder, fsync, `os.replace`), so a crash leaves either the old
-file or the new one, never half of one. Weights are safetensors only: nothing here unpickles.
+file or the new one, never half of one. A kill inside a write can leave its temp file (`.<name>.<random>.tmp`):
+no read sees it (reads go through the manifest), and `Store.remove_temp_files` deletes such leftovers when a
+stage starts again. Weights are safetensors only: nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -24,6 +27,7 @@ import torch
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TEMP_PATTERN = ".*.tmp"  # every temp file or folder a write makes in the store (`atomic_write_bytes`)
 
 
 class StoreError(Exception):
@@ -37,7 +41,7 @@ class StoreError(Exception):
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # TEMP_PATTERN
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -45,7 +49,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # a restarted stage may have removed it already
         raise
 
 
@@ -169,6 +173,19 @@ class Store:
 
     def _write_manifest(self) -> None:
         atomic_write_json(self.root / MANIFEST, self.manifest)
+
+    def remove_temp_files(self, folder: str = "") -> int:
+        """Delete the temp files (and folders) that writes killed midway left under `folder` (default: the whole
+        store); returns how many. Call it only where nothing else writes there at the time: a stage's start,
+        or a zoo run's own folder."""
+        top = self.path(folder) if folder else self.root
+        leftovers = list(top.rglob(TEMP_PATTERN)) if top.is_dir() else []
+        for path in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        return len(leftovers)
 
     # --- writing
 

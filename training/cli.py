@@ -3,6 +3,7 @@
     wildpdiff world    --profile demo --out data/demo
     wildpdiff pretrain --data data/demo --store model_store/demo [--profile demo]
     wildpdiff zoo      --data data/demo --store model_store/demo [--interval 10] [--workers 2]
+                       [--executor ray [--ray-address auto] [--run-cpus 1] [--run-gpus 0.25]]
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 10]
                        [--method knn_blend] [--policy fallback] [--shots a.png b.png --labels deer empty]
@@ -35,6 +36,7 @@ from model_store.store import Store, StoreError
 from training.data import CCTDataset, DataError, DatasetSpec, read_dataset
 from training.profiles import PROFILES, Profile, get_profile
 from training.tasks import assign_roles
+from training.zoo import EXECUTORS, Executor, ExecutorError
 
 
 def open_or_create_store(root: str, profile: Profile) -> Store:
@@ -134,17 +136,33 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     )
 
 
+def _executor(args: argparse.Namespace) -> Executor:
+    """The zoo's executor from the flags, checked before any stage runs: a missing Ray fails now, not after pretrain."""
+    ray_flags = {"--ray-address": args.ray_address, "--run-cpus": args.run_cpus, "--run-gpus": args.run_gpus}
+    given = [flag for flag, value in ray_flags.items() if value is not None]
+    if args.executor != "ray":
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply to --executor ray")
+        return Executor()
+    from training.ray_executor import require_ray
+
+    require_ray()
+    set_flags = {"ray_address": args.ray_address, "run_cpus": args.run_cpus, "run_gpus": args.run_gpus}
+    return Executor("ray", **{name: value for name, value in set_flags.items() if value is not None})
+
+
 def cmd_zoo(args: argparse.Namespace) -> None:
     from training.zoo import collect_zoo
 
     profile = get_profile(args.profile)
+    executor = _executor(args)
     dataset = _dataset(args)
     store = Store.open(args.store, required=[BACKBONE_FILE])
     _adopt(dataset, store, args)
     options = ("interval", "workers", "runs", "checkpoints")
     zoo = replace(profile.zoo, **{name: getattr(args, name) for name in options if getattr(args, name) is not None})
     start = time.perf_counter()
-    results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet)
+    results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet, executor=executor)
     seen = [r for loc in dataset.locations("seen") for r in results.get(loc, [])]
     gains = [max(c["test_acc"] for c in r["checkpoints"]) - r["pretrain_test_acc"] for r in seen]
     print(
@@ -195,6 +213,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     images = [read(path) for path in args.background]
     shots = [read(path) for path in args.shots]
+    frames = [read(path) for path in frame_files(args.frames)]
     store = Store(args.store)
     generator = Generator.from_store(store)
     threshold = stored_ood_threshold(store)
@@ -209,12 +228,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         labels=tuple(args.labels),
         refine_steps=args.refine_steps,
         candidates=args.candidates,
+        frames=preprocess(frames, generator.backbone_config) if frames else None,
     )
     result = infer(generator, images, options, table=load_serving_table(store), ood_threshold=threshold)
     save_adapter_dir(args.out, result.state, generator.layout, f"wildpdiff:{generator.store_id}", result.metadata)
     chosen = ""
     if result.fewshot is not None:
         chosen = f"; chose {result.fewshot.source} ({result.fewshot.shot_acc:.0%} on {len(shots)} shots)"
+    elif result.zerolabel is not None:
+        z = result.zerolabel
+        chosen = f"; {len(frames)} unlabelled frames: started from {z.source}, {z.steps} adaptation steps ({z.stopped})"
     print(
         f"adapter written to {args.out} by {result.method} ({result.region} region, policy {result.policy_applied}; "
         f"{len(images)} background frame(s), {args.frame_rule} rule; seed {args.seed}, {args.steps} steps, "
@@ -225,9 +248,26 @@ def cmd_generate(args: argparse.Namespace) -> None:
             f"warning: the background is out of distribution (distance {result.distance:.2f} > threshold "
             f"{threshold:.2f}); served {result.method} (policy {result.policy_applied}): no zero-shot adapter is "
             "reliable this far from the seen locations; adapt with a few labelled frames "
-            "(--shots ... --labels ... --refine-steps 10)",
+            "(--shots ... --labels ... --refine-steps 10) or many unlabelled ones (--frames DIR)",
             file=sys.stderr,
         )
+
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif")
+
+
+def frame_files(paths: list[str]) -> list[str]:
+    """Files as given; a folder -> its image files (by suffix), sorted. A folder without any is an error."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES)
+            if not found:
+                raise ValueError(f"{path}: no image files ({', '.join(FRAME_SUFFIXES)}) in this folder")
+            files += found
+        else:
+            files.append(str(path))
+    return files
 
 
 def at_least_one(text: str) -> int:
@@ -271,11 +311,12 @@ def cmd_pipeline(args: argparse.Namespace) -> None:
 
     profile = get_profile(args.profile)
     profile = _apply_model_options(profile, args)
+    executor = _executor(args)
     dataset = _dataset(args)
     store = open_or_create_store(args.store, profile)
     _adopt(dataset, store, args)
     start = time.perf_counter()
-    options = {"ablation": args.ablation, "scaling": args.scaling, "fit_seeds": args.fit_seeds}
+    options = {"ablation": args.ablation, "scaling": args.scaling, "fit_seeds": args.fit_seeds, "executor": executor}
     run_pipeline(dataset, store, profile, options, progress=not args.quiet)
     print(f"pipeline finished in {time.perf_counter() - start:.0f} s; report in {store.path('report')}")
 
@@ -296,6 +337,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from app.drain import DrainingServer
     from app.main import create_app
     from app.settings import Settings
 
@@ -303,7 +345,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     given = {"store": args.store, "host": args.host, "port": args.port}
     settings = Settings(**{k: v for k, v in given.items() if v is not None})  # unset flags: env or defaults
     app = create_app(settings)  # a bad store raises StoreError here, before the port is bound
-    uvicorn.run(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=20)
+    # SIGTERM drains first (app/drain.py, up to drain_grace_s); uvicorn's own wait afterwards is only for stragglers.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, timeout_graceful_shutdown=1)
+    DrainingServer(config, app.state.drain).run()
 
 
 def images_option(p: argparse.ArgumentParser) -> None:
@@ -313,6 +357,31 @@ def images_option(p: argparse.ArgumentParser) -> None:
         help="folder the file_name paths of annotations.json are relative to "
         "(default: DATA, or DATA/images when the listed files are there)",
     )
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def executor_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("where the zoo's runs execute (docs/recipes.md: the zoo on a Ray cluster)")
+    g.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="local",
+        help="local: a process pool on this machine (--workers); ray: one Ray task per run (pip install '.[ray]')",
+    )
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="Ray cluster to join (auto, HOST:6379, ray://HOST:10001); default: start a local Ray on this machine. "
+        "Every node must see DATA and STORE at the same paths",
+    )
+    g.add_argument("--run-cpus", type=fraction, metavar="N", help="CPUs per run (Ray; default 1)")
+    g.add_argument("--run-gpus", type=fraction, metavar="N", help="GPUs per run, fractions allowed (Ray; default 0)")
 
 
 def backbone_options(p: argparse.ArgumentParser) -> None:
@@ -382,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=int, help="steps between saved checkpoints")
     p.add_argument("--checkpoints", type=int, help="checkpoints per run")
     p.add_argument("--runs", type=int, help="independent runs per seen location")
-    p.add_argument("--workers", type=int, help="worker processes (default 2)")
+    p.add_argument("--workers", type=int, help="worker processes of the local executor (default 2)")
+    executor_options(p)
     p.set_defaults(func=cmd_zoo)
 
     p = stage("fit", "fit the generator (condition embeddings, parameter VAE, denoiser) on the seen zoo")
@@ -408,6 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", default=[], help="one class name per --shots file")
     p.add_argument("--candidates", type=int, default=16, help="generated candidates scored on the shots")
     p.add_argument("--refine-steps", type=int, default=0, help="gradient steps on the shots after choosing")
+    p.add_argument(
+        "--frames",
+        nargs="+",
+        default=[],
+        metavar="DIR_OR_FILE",
+        help="unlabelled frames of the location (files, or folders of .png/.jpg/.jpeg/.webp/.gif): choose and adapt "
+        "without labels, as the store's serving table says for the frame's region (ignored with --shots)",
+    )
     p.add_argument(
         "--method",
         choices=METHODS,
@@ -435,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_seeds_option(p)
     backbone_options(p)
     condition_options(p)
+    executor_options(p)
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser(
@@ -461,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, StoreError, FileNotFoundError, ValueError) as err:
+    except (DataError, StoreError, ExecutorError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

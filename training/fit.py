@@ -105,6 +105,7 @@ def fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool = Fals
 
 
 def _fit(dataset: CCTDataset, store: Store, config: FitConfig, force: bool, progress: bool) -> dict:
+    store.remove_temp_files()  # what a killed fit left midway through a write
     classifier, _ = load_backbone(store)
     shapes = adapter_shapes(classifier, LoraLayout.from_dict(store.manifest["components"]["lora"]))
     zoo, results = load_seen_zoo(store, shapes, dataset.locations("seen"))
@@ -417,7 +418,7 @@ def save_scheduler(store: Store, scheduler: DDIMScheduler) -> None:
     """`save_pretrained` into a temp folder beside, then move the file: the store's writes stay atomic."""
     folder = store.path(SCHEDULER_FILE).parent
     folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".scheduler.", suffix=".tmp") as tmp:  # store.TEMP_PATTERN
         scheduler.save_pretrained(tmp)
         Path(tmp, Path(SCHEDULER_FILE).name).replace(store.path(SCHEDULER_FILE))
     store.register(SCHEDULER_FILE)

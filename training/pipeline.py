@@ -12,6 +12,7 @@ stage is
   stage writes new files, the keys of the stages after it change too;
 - adopted when it has no record but its outputs exist (a store built with the single-stage commands):
   the backbone is kept, the zoo and fit are resumed.
+Options that change where work runs, not its result (the zoo's executor), are in no key.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ from training.common import config_key
 from training.data import CCTDataset
 from training.evaluation.stage import evaluate
 from training.profiles import Profile
+from training.zoo import Executor
 
 REPORT = "report"
 EVALUATION_OUTPUTS = (f"{REPORT}/", SERVING_FILE, "fit_seeds/", "ablation/", "scaling/")
+RESULT_OPTIONS = ("ablation", "scaling", "fit_seeds")  # the options evaluation's result depends on
 
 
 @dataclass
@@ -74,7 +77,7 @@ def run_zoo(dataset, store, profile, options, fresh, progress) -> None:
 
     if fresh:
         forget(store, profile.zoo.folder)
-    collect_zoo(dataset, store, profile.zoo, profile.lora, progress=progress)
+    collect_zoo(dataset, store, profile.zoo, profile.lora, progress=progress, executor=options["executor"])
 
 
 def run_fit(dataset, store, profile, options, fresh, progress) -> None:
@@ -152,7 +155,7 @@ STAGES = (
         "evaluate",
         config=lambda p, o: {
             "evaluate": asdict(p.evaluate),
-            **o,
+            **{name: o[name] for name in RESULT_OPTIONS},
             **({"ablation": asdict(p.ablation)} if o["ablation"] else {}),
             **({"scaling": asdict(p.scaling)} if o["scaling"] else {}),
         },
@@ -190,7 +193,8 @@ def run_pipeline(
     progress: bool = True,
 ) -> dict[str, str]:
     """Run every stage that is not finished with its current key; returns {stage: "skipped" | "ran"}."""
-    options = {"ablation": False, "scaling": False, "fit_seeds": 1, **(options or {})}
+    options = {"ablation": False, "scaling": False, "fit_seeds": 1, "executor": Executor(), **(options or {})}
+    store.remove_temp_files()  # what a killed run left midway through a write
     done: dict[str, str] = {}
     for stage in stages:
         key = stage_key(stage, dataset, store, profile, options)

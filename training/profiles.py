@@ -16,6 +16,7 @@ from training.evaluation.config import (
     FewShotEvalConfig,
     HypernetConfig,
     RepresentationConfig,
+    ZeroLabelEvalConfig,
 )
 from training.fit import FitConfig
 from training.pretrain import PretrainConfig
@@ -64,6 +65,7 @@ PROFILES = {
             anchored=AnchoredConfig(strengths=(0.0, 0.3, 0.6), samples=2),
             fewshot=FewShotEvalConfig(shots=(1, 5), candidates=4, refine_steps=(0, 5)),
             representation=RepresentationConfig(frames=2, samples=2),
+            zerolabel=ZeroLabelEvalConfig(frames=(8, 32), choose_at=32, steps=3, max_locations=2),
         ),
         ablation=AblationConfig(intervals=(1, 10), locations=2, vae_steps=100, denoiser_steps=100, samples=2),
         scaling=ScalingConfig(sizes=(3, 6), seeds=(0,), vae_steps=100, denoiser_steps=100, samples=2),

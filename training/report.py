@@ -205,6 +205,40 @@ def fit_seeds_section(study: dict) -> list[str]:
     return [*lines, *table(header, rows), ""]
 
 
+def zerolabel_section(rows: list[dict]) -> list[str]:
+    """Unlabelled frames (`training.evaluation.zerolabel`): per role and frame count, against no frames."""
+    if not rows:
+        return []
+    lines = [
+        "## Zero labels",
+        "",
+        "Unlabelled train frames of each location (their labels never read); per distance region the option "
+        "(off / select / adapt / select+adapt) chosen on val at the middle frame count, applied from the fewest "
+        "frames at which val never says it loses. Regret: best candidate minus the one chosen to start from "
+        "(test, reported only). Seconds: median time of one answer with frames (one thread).",
+        "",
+    ]
+    lines += table(
+        ["Split", "Frames", "Options by region", "No frames", "With frames", "Δ [95% CI]", "Gain recovered", "Regret",
+         "Seconds"],  # fmt: skip
+        [
+            [
+                r["split"],
+                str(r["frames"]),
+                ", ".join(f"{region}: {option}" for region, option in sorted(r["options"].items())),
+                pct(r["default_acc"]),
+                pct(r["acc"]),
+                f"{points(r['paired']['diff'])} [{points(r['paired']['ci95'][0])}, {points(r['paired']['ci95'][1])}]",
+                f"{r['gain_recovered']:.2f}",
+                points(r["regret"]),
+                f"{r['seconds']:.2f}",
+            ]
+            for r in rows
+        ],
+    )
+    return [*lines, ""]
+
+
 def novelty_words(ratio: float) -> str:
     if ratio < 0.5:
         return "close to a training checkpoint (replica-like)"
@@ -351,6 +385,7 @@ def markdown(report: dict) -> str:
             ],
         )
         lines.append("")
+    lines += zerolabel_section(report.get("zerolabel", []))
     if report.get("representation"):
         lines += ["## Task representation", ""]
         lines += [

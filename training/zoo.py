@@ -11,9 +11,12 @@ Layout on disk (PEFT key names, safetensors):
     zoo/<location>/run<k>/step<NNNNN>.safetensors
     zoo/<location>/run<k>/result.json   accuracies; its presence in the manifest marks the run done
 
-Runs go to a process pool (one run per worker, one thread each). Each checkpoint is written
-atomically by the worker; the parent registers a run's files only once the run is complete, so a
-killed collection restarts exactly at the unfinished runs and never leaves a corrupt file.
+Runs go to an executor: a process pool on this machine (`local`, one run per worker, one thread each)
+or a Ray cluster (`ray`, one task per run: `training.ray_executor`). Both call the same `_run`. Each
+checkpoint is written atomically by the worker; the parent alone writes the manifest and registers a
+run's files only once the run is complete, so a killed collection restarts exactly at the unfinished runs
+and never leaves a corrupt file. Workers die with the process that started them (`_die_with_parent`), so
+none can write into a store that a restarted zoo is filling again.
 
 Training goes through `model_store.lora.adapted_logits`, not PEFT's forward: PEFT 0.21 applies the
 out_proj update of `nn.MultiheadAttention` twice (huggingface/peft PR #3774), so adapters trained
@@ -22,8 +25,14 @@ through it would mean something else than the file format says.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +61,28 @@ class ZooConfig:
     folder: str = "zoo"  # always "zoo" (studies use sub-stores); kept so existing stores keep their stage keys
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Executor:
+    """Where the zoo's runs execute. Not part of any key: both executors write the same checkpoint bytes."""
+
+    kind: str = "local"  # "local": a process pool of `ZooConfig.workers`; "ray": one Ray task per run
+    ray_address: str | None = None  # ray: a cluster to join ("auto", "ray://head:10001"); None starts a local Ray
+    run_cpus: float = 1.0  # ray: CPUs reserved per run (its torch threads: the whole part, at least 1)
+    run_gpus: float = 0.0  # ray: GPUs per run (fractions share a GPU); > 0 trains the run on CUDA
+    retries: int = 3  # ray: restarts of a run whose worker process or node died (never of a run that raised)
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.kind!r}: {' or '.join(EXECUTORS)}")
+
+
+class ExecutorError(Exception):
+    """A run that could not be executed (Ray missing, a worker that died more often than retried)."""
+
+
 @dataclass
 class RunJob:
     spec: DatasetSpec  # the parent's resolved spec: the worker reads the same classes, labels and roles
@@ -64,6 +95,8 @@ class RunJob:
     config: ZooConfig
     layout: LoraLayout
     backbone: BackboneConfig
+    device: str = "cpu"  # "cuda" when the executor gave the run a GPU
+    threads: int = 1  # torch threads of the run
 
 
 def run_dir(folder: str, location: str, run: int) -> str:
@@ -117,39 +150,68 @@ def finetune(
     """
     state = init_adapter(model, layout, generator=torch.Generator().manual_seed(config.init_seed))
     generator = seed_everything(seed)
-    pixels, labels = train
+    pixels, labels = train  # on the CPU, where the CPU generator draws batches and flips: same data on any device
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(state.values(), lr=config.lr, weight_decay=0.0)
     total = config.warmup_steps + config.checkpoints * config.interval
     model.eval()  # no dropout in the tower; the base weights stay frozen
     for step in range(1, total + 1):
         index = torch.randint(len(labels), (config.batch_size,), generator=generator)
-        logits = adapted_logits(model, state, layout, normalize(augment(pixels[index], generator), backbone))
-        loss = torch.nn.functional.cross_entropy(logits, labels[index])
+        batch = augment(pixels[index], generator).to(device)
+        logits = adapted_logits(model, state, layout, normalize(batch, backbone))
+        loss = torch.nn.functional.cross_entropy(logits, labels[index].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         after_warmup = step - config.warmup_steps
         if on_checkpoint is not None and after_warmup > 0 and after_warmup % config.interval == 0:
-            on_checkpoint(step, {k: v.detach().clone() for k, v in state.items()})
+            on_checkpoint(step, {k: v.detach().cpu().clone() for k, v in state.items()})
     return {k: v.detach() for k, v in state.items()}
 
 
+# Set in a worker by `_die_with_parent`: the process that started it (a pool worker's zoo process, a Ray worker's
+# raylet); None in the zoo process itself.
+_PARENT: int | None = None
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool-worker initializer. A worker must not outlive its zoo process: it would go on writing into a store
+    that a restarted zoo fills again. On Linux the kernel kills it with its parent (PR_SET_PDEATHSIG); everywhere,
+    `_check_parent` before each write stops an orphan."""
+    global _PARENT
+    _PARENT = parent
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _check_parent()  # the parent may have died before prctl took effect
+
+
+def _check_parent() -> None:
+    if _PARENT is not None and os.getppid() != _PARENT:
+        os._exit(1)  # an orphan: write nothing, return nothing
+
+
 def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
-    """Worker: one fine-tuning run; writes its checkpoints, returns their paths and the run's result."""
-    torch.set_num_threads(1)
+    """Worker: one fine-tuning run; writes its checkpoints, returns their paths and the run's result.
+    The one implementation of a run, whichever executor calls it."""
+    torch.set_num_threads(job.threads)
     store = Store(job.store)
     model, _ = load_backbone(store)
+    model.to(job.device)
     dataset = read_dataset(job.spec)
     size = job.backbone.image_size
     train, val, test = (dataset.load(job.location, split, size) for split in ("train", "val", "test"))
-    val, test = ((normalize(pixels, job.backbone), labels) for pixels, labels in (val, test))  # scored many times
+    # val and test are scored many times: normalised once, on the run's device
+    val, test = ((normalize(pixels, job.backbone).to(job.device), labels) for pixels, labels in (val, test))
     folder = run_dir(job.folder, job.location, job.run)
+    store.remove_temp_files(folder)  # left by an attempt of this run that was killed inside a write
     written, checkpoints = [], []
     start = time.perf_counter()
 
     def save(step: int, state: dict[str, torch.Tensor]) -> None:
         relpath = f"{folder}/step{step:05d}.safetensors"
         metadata = {"location": job.location, "run": str(job.run), "step": str(step), "seed": str(job.seed)}
+        _check_parent()
         atomic_save_tensors(store.path(relpath), state, metadata)
         written.append(relpath)
         checkpoints.append(
@@ -178,28 +240,46 @@ def _run(job: RunJob) -> tuple[RunJob, list[str], dict]:
 
 
 def collect_zoo(
-    dataset: CCTDataset, store: Store, config: ZooConfig, layout: LoraLayout, progress: bool = True
+    dataset: CCTDataset,
+    store: Store,
+    config: ZooConfig,
+    layout: LoraLayout,
+    progress: bool = True,
+    executor: Executor = Executor(),
 ) -> dict:
     """Run every unfinished job; returns {location: [run results]} for all runs, finished before or now."""
+    store.remove_temp_files()  # no worker runs yet: every temp file is a killed write's
     store.set_component("lora", layout.to_dict())
     store.set_component(config.folder, asdict(config))
     jobs = plan_jobs(dataset, store, config, layout)
     todo = [job for job in jobs if not store.has(f"{run_dir(job.folder, job.location, job.run)}/result.json")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=config.folder, unit="run", disable=not progress)
     if todo:
-        context = multiprocessing.get_context("spawn")
-        with context.Pool(min(config.workers, len(todo))) as pool:
-            for job, written, result in pool.imap_unordered(_run, todo):
+        if executor.kind == "ray":
+            from training.ray_executor import ray_runs  # Ray is an optional extra
+
+            runs = ray_runs(todo, executor)
+        else:
+            runs = pool_runs(todo, config.workers)
+        with closing(runs):  # a failure here stops the workers too
+            for job, written, result in runs:
                 if result["labels_sha256"] != dataset.label_digest(job.location):
                     raise DataError(
                         f"the zoo worker of {job.location!r} read other frames or labels than this process; "
-                        "was the dataset changed while the zoo ran?"
+                        "was the dataset changed while the zoo ran, or does the worker see another copy of it?"
                     )
                 store.register(*written)
                 store.save_json(f"{run_dir(job.folder, job.location, job.run)}/result.json", result)
                 bar.update()
     bar.close()
     return load_zoo_results(store, config.folder)
+
+
+def pool_runs(todo: list[RunJob], workers: int) -> Iterator[tuple[RunJob, list[str], dict]]:
+    """The local executor: finished runs, in the order they finish, from a pool of spawned processes."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(workers, len(todo)), initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+        yield from pool.imap_unordered(_run, todo)
 
 
 def load_zoo_results(store: Store, folder: str = "zoo") -> dict[str, list[dict]]:

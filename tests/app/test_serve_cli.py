@@ -23,6 +23,13 @@ def test_serve_refuses_a_corrupt_store(smoke_store, tmp_path, capsys):
     assert "backbone.safetensors" in err and "sha256" in err and err.count("\n") == 1
 
 
+def test_serve_refuses_an_unreadable_keys_file(smoke_store, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WILDPDIFF_API_KEYS_FILE", str(tmp_path / "no-such-keys"))
+    assert main(["serve", "--store", str(smoke_store), "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: api_keys_file: cannot read") and err.count("\n") == 1
+
+
 def test_torch_threads_default_leaves_one_core_to_the_event_loop(monkeypatch):
     from app.settings import Settings
 

@@ -1,10 +1,13 @@
-"""End to end over real HTTP (uvicorn in a thread): the client, adapter isolation under concurrency, 429."""
+"""End to end over real HTTP (uvicorn in a thread): the client, adapter isolation under concurrency, 429, load,
+and a bug's 500 that leaves the connection open."""
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import threading
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -110,3 +113,52 @@ def test_full_queue_answers_429_with_retry_after(make_app, backgrounds):
         thread.join(timeout=30)
         assert first["r"].status_code == 200
         assert http.post("/adapters", files={"background": ("b.png", backgrounds[1])}).status_code == 200
+
+
+def test_32_clients_see_only_200_or_429(make_app, backgrounds, frames):
+    """32 concurrent clients against the default queue of 16: every answer is a result or a polite refusal."""
+    files = [("images", (f"image{i}", frame)) for i, frame in enumerate(frames[:4])]
+    background = {"background": ("b.png", backgrounds[0])}
+
+    async def client(http: httpx.AsyncClient, i: int) -> list[httpx.Response]:
+        responses = []
+        for j in range(3):
+            if (i + j) % 2:
+                responses.append(await http.post("/classify", files=files))
+            else:  # a fresh seed each time: a generation, not a cache hit
+                form = {"seed": str(100 * i + j), "steps": "5"}
+                responses.append(await http.post("/adapters", files=background, data=form))
+        return responses
+
+    async def run(url: str) -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=32)
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+            return [r for rs in await asyncio.gather(*(client(http, i) for i in range(32))) for r in rs]
+
+    with serve(make_app()) as url:
+        responses = asyncio.run(run(url))
+    assert len(responses) == 96
+    unexpected = [r.text for r in responses if r.status_code not in (200, 429)]
+    assert not unexpected
+    assert any(r.status_code == 200 for r in responses)
+    assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+
+
+def test_an_unexpected_error_answers_500_and_keeps_the_connection(make_app):
+    app = make_app()
+
+    def broken() -> dict:
+        raise RuntimeError("a bug")
+
+    app.state.runtime.info = broken
+    with serve(app) as url:
+        connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+        connection.request("GET", "/info")
+        response = connection.getresponse()
+        assert response.status == 500 and json.loads(response.read()) == {
+            "error": "internal error; the server logged the details"
+        }
+        sock = connection.sock
+        connection.request("GET", "/healthz")  # on the same connection: it was not dropped
+        assert connection.getresponse().status == 200 and connection.sock is sock
+        connection.close()

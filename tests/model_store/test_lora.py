@@ -199,6 +199,10 @@ def test_init_adapter_trains_through_adapted_logits(classifier, pixels):
         (lambda s, k: {**s, "extra.weight": s[k]}, "unexpected .*extra"),
         (lambda s, k: {**s, k: s[k][:1]}, "{key}.*shape"),
         (lambda s, k: {**s, k: s[k].to(torch.int32)}, "{key}.*dtype"),
+        (lambda s, k: {**s, k: s[k].to(torch.float64)}, "{key}.*dtype torch.float64, expected float32"),
+        (lambda s, k: {**s, k: s[k].to(torch.float16)}, "{key}.*dtype torch.float16, expected float32"),
+        (lambda s, k: {**s, k: s[k].index_fill(0, torch.tensor([0]), 3e38)}, "{key}.*magnitude 3e\\+38"),
+        (lambda s, k: {**s, k: s[k].index_fill(0, torch.tensor([0]), -101.0)}, "{key}.*magnitude 101, above"),
         (lambda s, k: {**s, k: s[k].index_fill(0, torch.tensor([0]), float("nan"))}, "{key}.*NaN"),
         (lambda s, k: {**s, k: s[k].index_fill(0, torch.tensor([0]), float("inf"))}, "{key}.*infinite"),
     ],
@@ -228,3 +232,33 @@ def test_adapter_bytes_round_trip_and_deterministic(classifier):
 def test_load_adapter_bytes_refuses_non_safetensors(data):
     with pytest.raises(ValueError, match="not a valid safetensors adapter"):
         load_adapter_bytes(data)
+
+
+def raw_safetensors(dtype: str, shape: list[int], nbytes: int) -> bytes:
+    """A safetensors file with one tensor "w" whose header names `dtype`, whether torch knows it or not."""
+    header = json.dumps({"w": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + b"\0" * nbytes
+
+
+@pytest.mark.parametrize(
+    "dtype, nbytes",
+    [("F8_E4M3", 8), ("F8_E5M2", 8), ("F8_E8M0", 8), ("F4", 4), ("F16", 16), ("BF16", 16), ("F64", 64),
+     ("I32", 32), ("XYZ", 8)],
+)  # fmt: skip
+def test_load_adapter_bytes_accepts_float32_only(dtype, nbytes):
+    with pytest.raises(ValueError, match=f"'w': dtype '{dtype}', expected one of F32"):
+        load_adapter_bytes(raw_safetensors(dtype, [2, 4], nbytes))
+    state, _ = load_adapter_bytes(raw_safetensors("F32", [2, 4], 32))
+    assert state["w"].dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "header, message",
+    [(b"[1, 2]", "not a JSON object"), (b"{nope", "not JSON"), (b'{"w": 3}', "'w': dtype None"),
+     (b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 999]}}', "not a valid safetensors")],
+)  # fmt: skip
+def test_load_adapter_bytes_refuses_broken_headers(header, message):
+    header += b" " * (-len(header) % 8)
+    with pytest.raises(ValueError, match=message):
+        load_adapter_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 8)

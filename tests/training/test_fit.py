@@ -1,5 +1,7 @@
 import json
+import random
 import shutil
+import subprocess
 from dataclasses import fields, replace
 
 import pytest
@@ -14,9 +16,11 @@ from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
 from model_store.generator import SCHEDULER_FILE, Generator, Residual
 from model_store.lora import LoraLayout, adapter_shapes, flatten
+from model_store.ood import FALLBACK_FILE
 from model_store.retrieval import knn_blend
 from model_store.store import MANIFEST, Store, StoreError
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
+from tests.training.kills import kill_when, manifest, mtimes, wildpdiff
 from training.cli import main
 from training.data import read_cct
 from training.fit import COMPONENT_FIELDS, SPEED_ONLY, FitConfig, fit, fit_vae, frame_blend_latents, is_current
@@ -247,3 +251,27 @@ def test_a_residual_denoiser_generates_around_the_blend(smoke_store, smoke_world
     anchor = knn_blend(generator.location_means, distances, 3, "inverse_distance")[None]
     reconstruction = generator.normalization.denormalize(generator.vae.decode(generator.blend_latents(features)))
     assert torch.allclose(generator.generate_vectors(features, [0], anchor=anchor, strength=0.0), reconstruction)
+
+
+def test_fit_resumes_after_kills_at_random_moments(smoke_zoo_store, smoke_store, smoke_world, tmp_path):
+    """kill -9 twice (after the condition embeddings, after the VAE, plus a random delay); the third run finishes
+    without refitting what was finished, removes a killed write's temp folder, and ends where an unbroken fit ends."""
+    root = copy_store(smoke_zoo_store, tmp_path)
+    command = wildpdiff("fit", "--data", smoke_world, "--store", root)
+    outputs = {"condition": CONDITIONS_FILE, "ood": FALLBACK_FILE, "vae": VAE_FILE, "denoiser": DENOISER_FILE}
+    delays = random.Random(18)
+    finished: dict[str, int] = {}
+    for after in ("condition", "vae"):
+        kill_when(command, lambda after=after: after in manifest(root)["components"], delays.uniform(0, 0.5))
+        components = manifest(root)["components"]
+        finished = mtimes(root, [outputs[name] for name in outputs if "key" in components.get(name, {})])
+    assert finished and DENOISER_FILE not in finished, "the kills should fall inside the fit"
+    (root / "scheduler" / ".scheduler.x1.tmp").mkdir(parents=True)  # as a kill inside save_scheduler leaves it
+    (root / "scheduler" / ".scheduler.x1.tmp" / "scheduler_config.json").write_text("{")
+
+    subprocess.run(command, check=True, timeout=300)
+    store = Store.open(root)  # every listed file verifies
+    assert mtimes(root, finished) == finished, "a finished component was fitted again"
+    assert not list(root.rglob("*.tmp"))
+    for relpath in (*outputs.values(), NORMALIZATION_FILE, SCHEDULER_FILE):  # the same bytes as an unbroken fit
+        assert store.manifest["files"][relpath] == Store(smoke_store).manifest["files"][relpath], relpath

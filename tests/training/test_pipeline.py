@@ -1,6 +1,7 @@
 """The pipeline runner: skip what is up to date, resume what was interrupted, redo what changed."""
 
 import json
+import random
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from model_store.store import Store
+from tests.training.kills import kill_when, manifest, mtimes, wildpdiff
 from training.pipeline import STAGES, Stage, forget, run_pipeline
 from training.profiles import get_profile
 
@@ -138,3 +140,43 @@ def test_real_stages_adopt_a_store_built_stage_by_stage(smoke_world, smoke_store
     assert store.manifest["files"]["backbone.safetensors"]["sha256"] == backbone  # adopted, not retrained
     second = run_pipeline(dataset, store, profile, stages=STAGES[:3], progress=False)
     assert second == dict.fromkeys(("pretrain", "zoo", "fit"), "skipped")
+
+
+def test_pipeline_resumes_after_kills_at_random_moments(smoke_zoo_store, smoke_store, smoke_world, tmp_path, capsys):
+    """`wildpdiff pipeline` killed with -9 inside the zoo and inside the fit (random delays after a progress mark);
+    the resumed run redoes no finished run, stage or component, and ends with the bytes of an unbroken build."""
+    from training.data import read_cct
+
+    root = tmp_path / "store"  # after pretrain: the zoo stage has work to do
+    shutil.copytree(smoke_zoo_store, root, ignore=shutil.ignore_patterns("zoo"))
+    files = manifest(root)["files"]
+    store = Store(root)
+    store.manifest["files"] = {k: v for k, v in files.items() if not k.startswith("zoo/")}
+    store.update()
+    command = wildpdiff("pipeline", "--data", smoke_world, "--store", root)
+    delays = random.Random(18)
+
+    def runs_done(n: int) -> bool:
+        return sum(k.endswith("result.json") for k in manifest(root)["files"]) >= n
+
+    kill_when(command, lambda: runs_done(2), delays.uniform(0, 0.5))
+    records = manifest(root)["pipeline"]
+    assert not records["zoo"]["done"], "the first kill should fall inside the zoo"
+    finished = mtimes(root, [k for k in manifest(root)["files"] if k.endswith("result.json")])
+    kill_when(command, lambda: "condition" in manifest(root)["components"], delays.uniform(0, 0.5))
+    records, components = manifest(root)["pipeline"], manifest(root)["components"]
+    assert records["zoo"]["done"] and not records["fit"]["done"], "the second kill should fall inside the fit"
+    fitted = {"condition": "conditions.safetensors", "vae": "vae.safetensors"}
+    finished |= mtimes(root, [relpath for name, relpath in fitted.items() if "key" in components.get(name, {})])
+    (root / ".manifest.json.x1.tmp").write_text("{")  # as a kill inside a manifest write leaves it
+
+    capsys.readouterr()
+    result = run_pipeline(read_cct(smoke_world), Store(root), get_profile("smoke"), stages=STAGES[:3], progress=False)
+    assert result == {"pretrain": "skipped", "zoo": "skipped", "fit": "ran"}
+    assert "fit: running" in capsys.readouterr().out  # resumed, not redone from scratch
+    store = Store.open(root)  # every listed file verifies
+    assert mtimes(root, finished) == finished, "a finished run or component was redone"
+    assert not list(root.rglob("*.tmp"))
+    unbroken = Store(smoke_store).manifest["files"]
+    for relpath in [k for k in unbroken if k.startswith("zoo/") and k.endswith(".safetensors")] + list(fitted.values()):
+        assert store.manifest["files"][relpath] == unbroken[relpath], relpath

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -5,8 +6,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import peft
+import pytest
 from safetensors.torch import load_file
 
 from model_store.backbone import load_backbone, normalize
@@ -89,6 +92,9 @@ def test_zoo_resumes_after_being_killed(smoke_zoo_store, smoke_world, tmp_path):
 
     finished = {k: (root / k).stat().st_mtime_ns for k in Store(root).manifest["files"] if k.endswith("result.json")}
     assert finished
+    run_folder = (root / next(iter(finished))).parent
+    (run_folder / ".step00031.safetensors.x1.tmp").write_bytes(b"half a checkpoint")  # as a kill inside a write
+    (root / ".manifest.json.x2.tmp").write_text("{")
     subprocess.run(command, check=True, timeout=300)
 
     store = Store.open(root)  # every listed file verifies
@@ -96,3 +102,53 @@ def test_zoo_resumes_after_being_killed(smoke_zoo_store, smoke_world, tmp_path):
     assert sum(len(runs) for runs in load_zoo_results(store).values()) == expected
     assert all((root / k).stat().st_mtime_ns == t for k, t in finished.items()), "a finished run was redone"
     assert not list(root.rglob("*.tmp"))
+
+
+def pool_workers(pid: int) -> list[int]:
+    """The zoo's spawned pool workers among the children of process `pid`."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except FileNotFoundError:
+        return False
+
+
+def store_files(root: Path) -> dict[str, int]:
+    """Every file of the store but temp files (a write interrupted at the kill may still close its temp file)."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file() and not p.name.endswith(".tmp")}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads worker processes from /proc")
+def test_zoo_workers_die_with_the_zoo_process(smoke_zoo_store, smoke_world, tmp_path):
+    """kill -9 of the zoo process alone (not its group): its pool workers end and write nothing more."""
+    root = tmp_path / "store"
+    shutil.copytree(smoke_zoo_store, root, ignore=shutil.ignore_patterns("zoo"))
+    store = Store(root)
+    store.manifest["files"] = {k: v for k, v in store.manifest["files"].items() if not k.startswith("zoo/")}
+    store.update()
+    command = [sys.executable, "-m", "training", "zoo", "--data", str(smoke_world), "--store", str(root),
+               "--profile", "smoke", "--quiet"]
+    process = subprocess.Popen(command, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None and not list(root.glob("zoo/*/run*/step*")):
+            time.sleep(0.1)  # until the workers write checkpoints
+        workers = pool_workers(process.pid)
+        assert process.poll() is None and workers, "the zoo should be running its workers"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        after_kill = store_files(root)
+        deadline = time.time() + 60
+        while time.time() < deadline and any(alive(pid) for pid in workers):
+            time.sleep(0.1)
+        assert not any(alive(pid) for pid in workers), "a pool worker outlived the zoo process"
+        assert store_files(root) == after_kill, "a worker wrote into the store after the zoo process died"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the group is gone when every worker ended
+            os.killpg(process.pid, signal.SIGKILL)

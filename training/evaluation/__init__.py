@@ -7,5 +7,6 @@
     roles      one research question: generation beside every baseline, paired differences
     serving    what the store serves per region of condition distance, chosen on val
     fewshot, representation, signals   leaves: few-shot adaptation, task representation, OOD AUROC, timing
+    zerolabel  unlabelled frames: each region's zero-label option, chosen on val
     stage      the stage: every section, the serving table written into the store
 """

@@ -44,6 +44,25 @@ class AnchoredConfig:
 
 
 @dataclass(frozen=True)
+class ZeroLabelEvalConfig:
+    """Unlabelled frames (`training.evaluation.zerolabel`): the options' settings and what is measured."""
+
+    frames: tuple[int, ...] = (16, 64, 256)  # unlabelled train frames per location
+    choose_at: int = 64  # the frame count at which each region's option is chosen on val
+    select_margin: float = 0.05  # loss gap a candidate must beat the default by (`model_store.zerolabel`)
+    steps: int = 20  # adaptation steps
+    lr: float = 3e-3
+    diversity: float = 1.0
+    min_val_gain: float = 0.005  # an option replaces "off" in a region only when val says so by this much
+    max_locations: int = 16  # the first n locations per role
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.choose_at not in self.frames:
+            raise ValueError(f"choose_at ({self.choose_at}) must be one of frames {self.frames}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     samples: int = 10  # generated adapters per location (seeds 0..samples-1)
     steps: int = DEFAULT_STEPS  # DDIM steps per generated adapter, as the service uses
@@ -59,3 +78,4 @@ class EvalConfig:
     anchored: AnchoredConfig = field(default_factory=AnchoredConfig)
     fewshot: FewShotEvalConfig = field(default_factory=FewShotEvalConfig)
     representation: RepresentationConfig = field(default_factory=RepresentationConfig)
+    zerolabel: ZeroLabelEvalConfig = field(default_factory=ZeroLabelEvalConfig)

@@ -261,13 +261,17 @@ def paired(rows: list[dict], config: EvalConfig, against: str = "knn_blend") -> 
         pairs = [(v[name], v[against]) for v in values if name in v and against in v and name != against]
         if not pairs:
             continue
-        diffs = torch.tensor([a - b for a, b in pairs], dtype=torch.float64)
-        generator = torch.Generator().manual_seed(config.seed)
-        picks = torch.randint(len(diffs), (config.bootstrap, len(diffs)), generator=generator)
-        means = diffs[picks].mean(1)
-        low, high = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-        out[name] = {"diff": float(diffs.mean()), "ci95": [low, high], "locations": len(diffs)}
+        out[name] = paired_difference([a - b for a, b in pairs], config.bootstrap, config.seed)
     return out
+
+
+def paired_difference(diffs: list[float], resamples: int, seed: int) -> dict:
+    """Per-location differences -> {"diff": mean, "ci95": [low, high], "locations": n} (percentile bootstrap
+    over locations, seeded)."""
+    values = torch.tensor(diffs, dtype=torch.float64)
+    picks = torch.randint(len(values), (resamples, len(values)), generator=torch.Generator().manual_seed(seed))
+    low, high = torch.quantile(values[picks].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"diff": float(values.mean()), "ci95": [low, high], "locations": len(values)}
 
 
 def summarise_role(per_task: list[dict], config: EvalConfig) -> dict:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from model_store.generator import Generator
-from model_store.inference import SERVING_FILE, ServingTable
+from model_store.inference import DEFAULT_OOD_THRESHOLD, SERVING_FILE, ServingTable, stored_ood_threshold
 from model_store.ood import FALLBACK_FILE, load_fallback
 from model_store.store import Store
 from training.data import CCTDataset
@@ -28,6 +28,7 @@ from training.evaluation.representation import evaluate_representation
 from training.evaluation.roles import Setup, build_setup, choose_knn, evaluate_role
 from training.evaluation.signals import ood_auroc, timing
 from training.evaluation.targets import Task, fresh_frame, load_tasks
+from training.evaluation.zerolabel import evaluate_zerolabel
 from training.zoo import Zoo, load_seen_zoo
 
 ROLES = {"rq1": "seen", "rq2": "interp", "rq3": "unseen"}
@@ -87,6 +88,9 @@ def _evaluate(dataset: CCTDataset, store: Store, config: EvalConfig, progress: b
     start = time.perf_counter()
     generator = Generator.from_store(store)
     sections, setup, generated, tasks, table = evaluate_store(dataset, store, generator, config, progress=progress)
+    threshold = stored_ood_threshold(store) or DEFAULT_OOD_THRESHOLD
+    zerolabel, table = evaluate_zerolabel(dataset, generator, table, threshold, tasks, sections, config.steps,
+                                          config.zerolabel, config.bootstrap)  # fmt: skip
     store.save_json(SERVING_FILE, table.to_dict())
     sections["rq3"]["summary"]["ood_auroc"] = ood_auroc(dataset, generator)
     first_seen = fresh_frame(dataset, dataset.locations("seen")[0])[1]
@@ -98,6 +102,7 @@ def _evaluate(dataset: CCTDataset, store: Store, config: EvalConfig, progress: b
         **sections,
         "serving": table.to_dict(),
         "fewshot": fewshot,
+        "zerolabel": zerolabel,
         "representation": evaluate_representation(dataset, generator, tasks, config.steps, config.representation),
         "timing": timing(generator, first_seen, setup.results, config.steps, config.timing_repeats),
         "settings": settings(store, generator, setup, config),
