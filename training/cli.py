@@ -152,6 +152,7 @@ def _executor(args: argparse.Namespace) -> Executor:
 
 
 def cmd_zoo(args: argparse.Namespace) -> None:
+    from training.ray_executor import job_runner
     from training.zoo import collect_zoo
 
     profile = get_profile(args.profile)
@@ -162,7 +163,8 @@ def cmd_zoo(args: argparse.Namespace) -> None:
     options = ("interval", "workers", "runs", "checkpoints")
     zoo = replace(profile.zoo, **{name: getattr(args, name) for name in options if getattr(args, name) is not None})
     start = time.perf_counter()
-    results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet, executor=executor)
+    runner = job_runner(executor)
+    results = collect_zoo(dataset, store, zoo, profile.lora, progress=not args.quiet, run_jobs=runner)
     seen = [r for loc in dataset.locations("seen") for r in results.get(loc, [])]
     gains = [max(c["test_acc"] for c in r["checkpoints"]) - r["pretrain_test_acc"] for r in seen]
     print(

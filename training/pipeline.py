@@ -34,6 +34,7 @@ from training.common import config_key
 from training.data import CCTDataset
 from training.evaluation.stage import evaluate
 from training.profiles import Profile
+from training.ray_executor import job_runner
 from training.zoo import Executor
 
 REPORT = "report"
@@ -77,7 +78,8 @@ def run_zoo(dataset, store, profile, options, fresh, progress) -> None:
 
     if fresh:
         forget(store, profile.zoo.folder)
-    collect_zoo(dataset, store, profile.zoo, profile.lora, progress=progress, executor=options["executor"])
+    runner = job_runner(options["executor"])
+    collect_zoo(dataset, store, profile.zoo, profile.lora, progress=progress, run_jobs=runner)
 
 
 def run_fit(dataset, store, profile, options, fresh, progress) -> None:

@@ -16,8 +16,9 @@ KubeRay) and have this project installed in the same Python environment. Ray is 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from model_store.store import StoreError
@@ -25,6 +26,11 @@ from training.data import DataError
 from training.zoo import Executor, ExecutorError, RunJob, _die_with_parent, _run
 
 INSTALL_HINT = "--executor ray needs Ray, an optional extra: pip install '.[ray]' (or pip install 'ray>=2.9')"
+
+
+def job_runner(executor: Executor) -> Callable[[list[RunJob]], Iterator] | None:
+    """`collect_zoo`'s `run_jobs` for an executor: None (the local pool) or the Ray runner."""
+    return None if executor.kind == "local" else partial(ray_runs, executor=executor)
 
 
 def require_ray():

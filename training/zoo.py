@@ -12,7 +12,8 @@ Layout on disk (PEFT key names, safetensors):
     zoo/<location>/run<k>/result.json   accuracies; its presence in the manifest marks the run done
 
 Runs go to an executor: a process pool on this machine (`local`, one run per worker, one thread each)
-or a Ray cluster (`ray`, one task per run: `training.ray_executor`). Both call the same `_run`. Each
+or a Ray cluster (`ray`, one task per run: `training.ray_executor.job_runner` gives `collect_zoo` its
+`run_jobs`). Both call the same `_run`. Each
 checkpoint is written atomically by the worker; the parent alone writes the manifest and registers a
 run's files only once the run is complete, so a killed collection restarts exactly at the unfinished runs
 and never leaves a corrupt file. Workers die with the process that started them (`_die_with_parent`), so
@@ -31,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -245,9 +246,12 @@ def collect_zoo(
     config: ZooConfig,
     layout: LoraLayout,
     progress: bool = True,
-    executor: Executor = Executor(),
+    run_jobs: Callable[[list[RunJob]], Iterator[tuple[RunJob, list[str], dict]]] | None = None,
 ) -> dict:
-    """Run every unfinished job; returns {location: [run results]} for all runs, finished before or now."""
+    """Run every unfinished job; returns {location: [run results]} for all runs, finished before or now.
+
+    `run_jobs`: the executor, jobs -> finished runs in any order (`training.ray_executor.job_runner`); None: the
+    local pool of `config.workers` processes."""
     store.remove_temp_files()  # no worker runs yet: every temp file is a killed write's
     store.set_component("lora", layout.to_dict())
     store.set_component(config.folder, asdict(config))
@@ -255,12 +259,7 @@ def collect_zoo(
     todo = [job for job in jobs if not store.has(f"{run_dir(job.folder, job.location, job.run)}/result.json")]
     bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=config.folder, unit="run", disable=not progress)
     if todo:
-        if executor.kind == "ray":
-            from training.ray_executor import ray_runs  # Ray is an optional extra
-
-            runs = ray_runs(todo, executor)
-        else:
-            runs = pool_runs(todo, config.workers)
+        runs = pool_runs(todo, config.workers) if run_jobs is None else run_jobs(todo)
         with closing(runs):  # a failure here stops the workers too
             for job, written, result in runs:
                 if result["labels_sha256"] != dataset.label_digest(job.location):

@@ -17,6 +17,7 @@ from model_store.store import Store
 from training.cli import main
 from training.data import DataError, read_cct
 from training.profiles import get_profile
+from training.ray_executor import job_runner
 from training.zoo import Executor, collect_zoo, load_zoo_results
 
 
@@ -82,6 +83,7 @@ def run_workers() -> list[tuple[int, int]]:
     return found
 
 
+RAY = job_runner(Executor("ray"))
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="watches worker processes in /proc")
 
 
@@ -91,7 +93,7 @@ def test_two_node_ray_zoo_writes_the_local_executors_checkpoints(cluster, smoke_
     watch = RunWorkers(cluster)
     watch.start()
     try:
-        collect_zoo(read_cct(smoke_world), store, profile.zoo, profile.lora, progress=False, executor=Executor("ray"))
+        collect_zoo(read_cct(smoke_world), store, profile.zoo, profile.lora, progress=False, run_jobs=RAY)
     finally:
         watch.stop.set()
     assert zoo_digests(store.root) == zoo_digests(smoke_zoo_store)  # bit for bit, every checkpoint
@@ -121,7 +123,7 @@ def test_a_killed_ray_worker_is_retried_and_nothing_is_corrupt(cluster, smoke_zo
     watch = RunWorkers(cluster, on_seen=kill_once_it_wrote)
     watch.start()
     try:
-        collect_zoo(read_cct(smoke_world), store, zoo, profile.lora, progress=False, executor=Executor("ray"))
+        collect_zoo(read_cct(smoke_world), store, zoo, profile.lora, progress=False, run_jobs=RAY)
     finally:
         watch.stop.set()
     assert killed, "no run worker was caught mid-run"
@@ -142,7 +144,7 @@ def test_a_dataset_the_workers_cannot_see_is_reported_not_retried(cluster, smoke
     dataset.spec = replace(dataset.spec, root=unmounted, images=unmounted / "images")  # what a worker is told
     expected = f"failed on a Ray worker.*dataset folder not found: {re.escape(str(unmounted))}.*every node must see"
     with pytest.raises(DataError, match=expected):
-        collect_zoo(dataset, store, profile.zoo, profile.lora, progress=False, executor=Executor("ray"))
+        collect_zoo(dataset, store, profile.zoo, profile.lora, progress=False, run_jobs=RAY)
     assert not any(k.startswith("zoo/") for k in Store.open(store.root).manifest["files"])
 
 
