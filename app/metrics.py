@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 
 
@@ -34,6 +36,18 @@ class Metrics:
         self.cache = Counter("wildpdiff_adapter_cache", "adapter cache lookups", ["result"], registry=self.registry)
         self.queue_depth = Gauge(
             "wildpdiff_queue_depth", "requests admitted and not finished (running + waiting)", registry=self.registry
+        )
+        # app/batching.py: requests per model call, and how long a request waited for the inference thread
+        self.batch_size = Histogram(
+            "wildpdiff_batch_size", "requests in one model call", ["kind"], buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "wildpdiff_queue_wait_seconds",
+            "time from queueing to the start of the request's batch",
+            ["kind"],
+            buckets=WAIT_BUCKETS,
+            registry=self.registry,
         )
         self.in_flight = Gauge("wildpdiff_requests_in_flight", "HTTP requests being answered", registry=self.registry)
 

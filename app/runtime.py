@@ -8,6 +8,12 @@ admitted (running + waiting); the next one is refused at once with 429 + Retry-A
 without bound, as trusted model servers do. Each request also has a deadline (`app/budget.py`): past it the
 client gets 503, and the inference thread drops the request's work at its next check.
 
+Batching (`app/batching.py`). Concurrent generations without shots or frames run as one batch
+(`model_store.inference.infer_batch`: their DDIM draws share calls); concurrent /classify requests with the same
+adapter (or none) send their frames through the classifier together (`model_store.classify`). Both compute in
+blocks of a fixed size, so a request gets the same bytes whichever requests shared its batch. Uploaded
+adapters, few-shot and zero-label requests run alone.
+
 What a generated adapter is comes from `model_store.inference.infer`, the path `wildpdiff generate` takes too,
 so the CLI and the service answer the same frame and options with the same tensors and policy.
 
@@ -28,19 +34,19 @@ import logging
 import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.budget import NO_DEADLINE, Deadline, DeadlineExceeded
+from app.batching import Batcher, Job
+from app.budget import Deadline, DeadlineExceeded
 from app.errors import ApiError
 from app.images import decode_image
 from app.metrics import Metrics
@@ -48,6 +54,7 @@ from app.schemas import LabelScore, Prediction
 from app.settings import Settings
 from model_store.adapt import labels_to_indices
 from model_store.backbone import normalize, to_uint8
+from model_store.classify import NonFiniteScores, class_probabilities, top_labels
 from model_store.generator import Generator
 from model_store.inference import (
     METHODS,
@@ -55,15 +62,14 @@ from model_store.inference import (
     InferenceOptions,
     OutOfDistribution,
     check_method,
-    infer,
+    infer_batch,
     load_serving_table,
     stored_ood_threshold,
 )
-from model_store.lora import adapted_logits, adapter_bytes, load_adapter_bytes, save_adapter_dir, validate_adapter
+from model_store.lora import adapter_bytes, load_adapter_bytes, save_adapter_dir, validate_adapter
 from model_store.store import Store, code_version
 
 log = logging.getLogger("app")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -138,9 +144,8 @@ class Runtime:
         # In every generated id: a re-evaluated store may serve another method for the same request.
         self.serving_digest = hashlib.sha256(json.dumps(self.serving.to_dict(), sort_keys=True).encode()).hexdigest()
         self.max_steps = generator.scheduler_config["num_train_timesteps"]
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-inference")
         self._pending = 0
-        self._deadline = NO_DEADLINE  # of the job on the inference thread; only that thread reads it
+        self.batcher = Batcher(settings.max_batch, settings.max_batch_wait_ms / 1000, lambda: self._pending, metrics)
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -153,7 +158,7 @@ class Runtime:
         return cls(generator, store, settings, metrics)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.batcher.close()
 
     # --- admission and the inference thread
 
@@ -173,21 +178,15 @@ class Runtime:
             self._pending -= 1
             self.metrics.queue_depth.set(self._pending)
 
-    async def _run(self, deadline: Deadline, fn: Callable[..., T], *args) -> T:
-        """`fn(*args)` on the inference thread; 503 once `deadline` passes, whether it waits or runs."""
-
-        def job() -> T:
-            deadline.check()  # waited in the queue past it: its client has had the 503 already
-            self._deadline = deadline
-            return fn(*args)
-
+    async def _run(self, job: Job) -> Any:
+        """`job` on the inference thread, batched with others of its key; 503 once its deadline passes, whether
+        it waits or runs."""
         try:
-            future = asyncio.get_running_loop().run_in_executor(self._executor, job)
-            return await asyncio.wait_for(future, deadline.remaining())
+            return await asyncio.wait_for(self.batcher.submit(job), job.deadline.remaining())
         except (TimeoutError, DeadlineExceeded):
             raise ApiError(
                 503,
-                f"the request did not finish within its deadline of {deadline.seconds:g} s (request_timeout_s): "
+                f"the request did not finish within its deadline of {job.deadline.seconds:g} s (request_timeout_s): "
                 "the server is busy or the request too heavy; retry later or send less work",
                 {"Retry-After": str(self.settings.retry_after_s)},
             ) from None
@@ -248,31 +247,51 @@ class Runtime:
         )
         if cached := self.cache.get(adapter_id):
             return cached
+        # Shots and frames make a request's own heavy work (selection, adaptation): those run alone.
+        key = None if request.shots or request.frames else "adapters"
         with self._admit():
-            adapter = await self._run(deadline, self._generate, adapter_id, backgrounds, request)
+            adapter = await self._run(
+                Job(key, self._generate, (adapter_id, backgrounds, request, deadline), "adapters", deadline)
+            )
         self.metrics.generations.inc()
         self.cache.put(adapter)
         return adapter
 
-    def _generate(self, adapter_id: str, backgrounds: list[Upload], request: Generation) -> Adapter:
-        images = [self._decode(b) for b in backgrounds]
-        options = InferenceOptions(
-            seed=request.seed,
-            steps=request.steps,
-            frame_rule=self.settings.frame_rule,
-            policy=request.policy,
-            method=request.method,
-            shots=self._pixels(list(request.shots)) if request.shots else None,
-            labels=request.labels,
-            refine_steps=request.refine_steps,
-            candidates=self.settings.fewshot_candidates,
-            frames=self._pixels(list(request.frames)) if request.frames else None,
-            zerolabel_seconds=self.settings.zerolabel_seconds,
-        )
-        try:
-            result = infer(self.generator, images, options, table=self.serving, ood_threshold=self.ood_threshold)
-        except OutOfDistribution as e:
-            raise ApiError(422, str(e), extra={"distance": e.distance, "ood_threshold": e.threshold}) from None
+    def _generate(self, jobs: list[tuple[str, list[Upload], Generation, Deadline]]) -> list[Adapter | Exception]:
+        """On the inference thread: generation requests -> their adapters (or errors), drawn together."""
+        ids, requests, answers = [], [], []
+        for adapter_id, backgrounds, request, deadline in jobs:
+            try:
+                images = [self._decode(b, deadline) for b in backgrounds]
+                options = InferenceOptions(
+                    seed=request.seed,
+                    steps=request.steps,
+                    frame_rule=self.settings.frame_rule,
+                    policy=request.policy,
+                    method=request.method,
+                    shots=self._pixels(list(request.shots), deadline) if request.shots else None,
+                    labels=request.labels,
+                    refine_steps=request.refine_steps,
+                    candidates=self.settings.fewshot_candidates,
+                    frames=self._pixels(list(request.frames), deadline) if request.frames else None,
+                    zerolabel_seconds=self.settings.zerolabel_seconds,
+                )
+            except (ApiError, DeadlineExceeded) as e:
+                answers.append(e)
+                continue
+            ids.append(adapter_id)
+            requests.append((images, options))
+            answers.append(None)  # filled below
+        results = iter(infer_batch(self.generator, requests, table=self.serving, ood_threshold=self.ood_threshold))
+        adapter_ids = iter(ids)
+        return [answer if answer is not None else self._adapter(next(adapter_ids), next(results)) for answer in answers]
+
+    @staticmethod
+    def _adapter(adapter_id: str, result) -> Adapter | Exception:
+        if isinstance(result, OutOfDistribution):
+            return ApiError(422, str(result), extra={"distance": result.distance, "ood_threshold": result.threshold})
+        if isinstance(result, Exception):
+            return result
         metadata = {"adapter_id": adapter_id, **result.metadata}
         return Adapter(
             adapter_id, result.state, metadata, result.distance, result.in_distribution, result.policy_applied,
@@ -299,6 +318,15 @@ class Runtime:
         return buffer.getvalue()
 
     # --- uploaded adapters
+
+    def _parse_adapters(self, uploads: list[Upload]) -> list[Adapter | Exception]:
+        answers = []
+        for upload in uploads:
+            try:
+                answers.append(self._parse_adapter(upload))
+            except ApiError as e:
+                answers.append(e)
+        return answers
 
     def _parse_adapter(self, upload: Upload) -> Adapter:
         # An adapter is a few thousand floats; refusing big files first also bounds the safetensors header.
@@ -339,44 +367,68 @@ class Runtime:
             chosen = await self.create_adapter(backgrounds, generation, deadline)
         with self._admit():
             if adapter is not None:
-                chosen = await self._run(deadline, self._parse_adapter, adapter)
+                chosen = await self._run(Job(None, self._parse_adapters, adapter, "adapter", deadline))
                 self.cache.put(chosen)
-            predictions = await self._run(deadline, self._classify, images, chosen)
+            # Requests with the same adapter (or none) share the classifier's calls.
+            key = ("classify", chosen.id if chosen else "")
+            predictions = await self._run(Job(key, self._classify, (images, chosen, deadline), "classify", deadline))
         return chosen, predictions
 
-    def _classify(self, uploads: list[Upload], adapter: Adapter | None) -> list[Prediction]:
-        g = self.generator
-        pixels = self._pixels(uploads)
-        with torch.inference_mode():
-            if adapter is None:
-                logits = g.classifier(pixels)
-            else:
-                state = {key: tensor.to(self.device) for key, tensor in adapter.state.items()}
-                logits = adapted_logits(g.classifier, state, g.layout, pixels)
-            probs = logits.float().softmax(dim=-1).cpu()
-        if not torch.isfinite(probs).all():
-            # Only an adapter can do this (weights within the limits, yet too large together): never send NaN.
-            raise ApiError(422, "the adapter makes the classifier's scores overflow (NaN or infinite)")
-        k = min(self.settings.top_k, probs.shape[1])
-        scores, indices = probs.topk(k, dim=1)
-        predictions = []
-        for upload, top_scores, top_indices in zip(uploads, scores.tolist(), indices.tolist(), strict=True):
-            top_k = [LabelScore(label=g.classes[i], score=s) for i, s in zip(top_indices, top_scores, strict=True)]
-            predictions.append(Prediction(file=upload.name, label=top_k[0].label, score=top_k[0].score, top_k=top_k))
-        return predictions
+    def _classify(self, jobs: list[tuple[list[Upload], Adapter | None, Deadline]]) -> list[list[Prediction] | Any]:
+        """On the inference thread: /classify requests with ONE adapter -> their predictions (or errors); the
+        frames of all of them go through the classifier together."""
+        adapter = jobs[0][1]
+        pixels, answers = [], []
+        for uploads, _, deadline in jobs:
+            try:
+                pixels.append(self._pixels(uploads, deadline))
+                answers.append(None)
+            except (ApiError, DeadlineExceeded) as e:
+                answers.append(e)
+        if not pixels:
+            return answers
+        state = adapter and adapter.state
+        try:
+            probs = class_probabilities(self.generator, torch.cat(pixels), state).split([len(p) for p in pixels])
+        except NonFiniteScores:
+            # Only an adapter can do this (weights within the limits, yet too large together); find whose frames.
+            probs = [self._probabilities_or_error(p, state) for p in pixels]
+        probs = iter(probs)
+        jobs_done = [answer if answer is not None else next(probs) for answer in answers]
+        return [
+            answer if isinstance(answer, Exception) else self._predictions(uploads, answer)
+            for answer, (uploads, _, _) in zip(jobs_done, jobs, strict=True)
+        ]
 
-    def _pixels(self, uploads: list[Upload]) -> torch.Tensor:
+    def _probabilities_or_error(self, pixels: torch.Tensor, state) -> torch.Tensor | ApiError:
+        try:
+            return class_probabilities(self.generator, pixels, state)
+        except NonFiniteScores as e:
+            return ApiError(422, str(e))
+
+    def _predictions(self, uploads: list[Upload], probs: torch.Tensor) -> list[Prediction]:
+        return [
+            Prediction(
+                file=upload.name,
+                label=top[0][0],
+                score=top[0][1],
+                top_k=[LabelScore(label=label, score=score) for label, score in top],
+            )
+            for upload, top in zip(uploads, top_labels(probs, self.generator.classes, self.settings.top_k), strict=True)
+        ]
+
+    def _pixels(self, uploads: list[Upload], deadline: Deadline) -> torch.Tensor:
         """Uploaded images -> (B, 3, S, S) normalised, on the model's device."""
         # Shrink each image to the model's size as soon as it is decoded: 64 highly compressible 40 MP
         # images fit in one upload, but must never be held in memory at full size all at once.
         size = self.generator.backbone_config.image_size
-        small = [to_uint8(self._decode(upload), size) for upload in uploads]
+        small = [to_uint8(self._decode(upload, deadline), size) for upload in uploads]
         return normalize(torch.from_numpy(np.stack(small)).to(self.device), self.generator.backbone_config)
 
-    def _decode(self, upload: Upload) -> Image.Image:
+    def _decode(self, upload: Upload, deadline: Deadline) -> Image.Image:
         """One upload, on the inference thread; decoding is a request's main cost, so the deadline is checked
         before each image."""
-        self._deadline.check()
+        deadline.check()
         return decode_image(upload.data, upload.name, self.settings.max_image_pixels)
 
     # --- description

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     # Work limits: requests beyond `max_pending` (running + waiting) are refused with 429 + Retry-After.
     max_pending: int = Field(16, ge=1)
     retry_after_s: int = Field(1, ge=1)
+    # Batching (app/batching.py): concurrent requests of one kind share a model call, up to `max_batch` of them
+    # (1: every request alone); the inference thread waits up to `max_batch_wait_ms` for requests on their way.
+    max_batch: int = Field(32, ge=1, description="most requests in one batched model call")
+    max_batch_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait for batch mates")
     # Default: all cores but one, which is left to the event loop (multipart parsing, image decoding). On 2
     # cores `make bench` measured /adapters p50 32 ms with 1 thread against 69 ms with 2, and /classify of 16
     # frames at 8 clients 39 against 27 requests/s.

@@ -53,6 +53,12 @@ SCHEDULER_FILE = "scheduler/scheduler_config.json"
 # DDIM steps when a caller names none. `make bench` on demo: 5 and 10 steps are within 0.5 points of 50 on the
 # val split (0.927 / 0.926 vs 0.928) at a fifth of the time; 10 keeps a margin.
 DEFAULT_STEPS = 10
+# Rows per denoiser and VAE call (`Generator.generate_vectors`). Torch's CPU kernels pick their algorithm by
+# batch size, so a row computed in a batch of 2 and in one of 64 differs in the last bits; in blocks of one
+# fixed size an adapter's bytes never depend on which rows shared its call (the service batches concurrent
+# requests). On demo (1 thread, 10 steps) a block of 16 costs 44 ms against 14 ms for a lone row, 51 ms for a
+# block of 32 and 110 ms for 64 rows at once.
+SAMPLING_BLOCK = 16
 # How several background frames of one location become one condition (`Generator.condition`). Measured on
 # demo (val split, 5 samples, 3 held-out frames vs 1, README "Task representation"): both rules gain ~1.4
 # points on seen locations; on interp locations "closest" loses 1.7 points (it picks the frame most like one
@@ -280,8 +286,6 @@ class Generator:
 
     def _anchor_latents(self, anchor: torch.Tensor) -> torch.Tensor:
         """(B, P) flat adapters -> (B, C, L) their VAE latents (deterministic: the encoder has no posterior)."""
-        if anchor.dim() != 2 or anchor.shape[1] != self.vae.num_params:
-            raise ValueError(f"anchor must be (B, {self.vae.num_params}) flat adapters, got {tuple(anchor.shape)}")
         return self.vae.encode(self.normalization.normalize(anchor.to(self.device, torch.float32)))
 
     def blend_latents(self, features: torch.Tensor) -> torch.Tensor:
@@ -290,32 +294,12 @@ class Generator:
         blends = [retrieval.knn_blend(self.location_means, d, self.residual.k, self.residual.weighting) for d in distances]
         return self._anchor_latents(torch.stack(blends))
 
-    @torch.no_grad()
-    def sample_latents(
-        self,
-        features: torch.Tensor,
-        seeds: Sequence[int],
-        steps: int = DEFAULT_STEPS,
-        anchor: torch.Tensor | None = None,
-        strength: float = 1.0,
+    def _sample_block(
+        self, features: torch.Tensor, seeds: Sequence[int], steps: int, anchor: torch.Tensor | None, strength: float
     ) -> torch.Tensor:
-        """(B, D) features, B seeds -> (B, C, L) latents by DDIM (eta=0) from each seed's own noise.
-
-        With `anchor` (B, P) flat adapters, SDEdit: only the DDIM timesteps t < strength * T are run, starting
-        from the anchor's latent noised to the first of them with the same seeded noise; strength 0 (or no
-        timestep left) returns the anchor's latent, 1 starts from (almost) pure noise. A residual denoiser's
-        samples are added to the blend's latent (`blend_latents`)."""
-        if len(seeds) != len(features):
-            raise ValueError(f"{len(features)} condition rows but {len(seeds)} seeds")
+        """(SAMPLING_BLOCK, D) features and seeds -> (SAMPLING_BLOCK, C, L) latents by DDIM (eta=0) from each
+        seed's own noise; with `anchor`, SDEdit from the anchors' latents (`generate_vectors`)."""
         num_train_timesteps = self.scheduler_config["num_train_timesteps"]
-        if not 1 <= steps <= num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        if anchor is None and strength != 1.0:
-            raise ValueError("strength below 1 needs an anchor to start from")
-        if anchor is not None and len(anchor) != len(features):
-            raise ValueError(f"{len(features)} condition rows but {len(anchor)} anchors")
         condition = standardize(features.to(self.device), self.condition_mean, self.condition_std)
         noise = [
             torch.randn(self.vae.latent_shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds
@@ -348,10 +332,38 @@ class Generator:
         anchor: torch.Tensor | None = None,
         strength: float = 1.0,
     ) -> torch.Tensor:
-        """(B, D) features, B seeds -> (B, P) flat adapter vectors (un-normalised, `self.shapes` order); with
-        `anchor` (B, P), DDIM from the anchors noised to `strength` (`sample_latents`)."""
-        latents = self.sample_latents(features, seeds, steps, anchor, strength)
-        return self.normalization.denormalize(self.vae.decode(latents)).cpu()
+        """(B, D) features, B seeds -> (B, P) flat adapter vectors (un-normalised, `self.shapes` order) by DDIM
+        (eta=0) from each seed's own noise.
+
+        With `anchor` (B, P) flat adapters, SDEdit: only the DDIM timesteps t < strength * T are run, starting
+        from the anchor's latent noised to the first of them with the same seeded noise; strength 0 (or no
+        timestep left) returns the anchor through the VAE, 1 starts from (almost) pure noise. A residual
+        denoiser's samples are added to the blend's latent (`blend_latents`).
+
+        Rows go through the models in blocks of exactly `SAMPLING_BLOCK` (the last one padded with copies of its
+        last row), so a row's bytes do not depend on the other rows of the call."""
+        if len(seeds) != len(features):
+            raise ValueError(f"{len(features)} condition rows but {len(seeds)} seeds")
+        num_train_timesteps = self.scheduler_config["num_train_timesteps"]
+        if not 1 <= steps <= num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{num_train_timesteps}, got {steps}")
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength}")
+        if anchor is None and strength != 1.0:
+            raise ValueError("strength below 1 needs an anchor to start from")
+        if anchor is not None and len(anchor) != len(features):
+            raise ValueError(f"{len(features)} condition rows but {len(anchor)} anchors")
+        if anchor is not None and (anchor.dim() != 2 or anchor.shape[1] != self.vae.num_params):
+            raise ValueError(f"anchor must be (B, {self.vae.num_params}) flat adapters, got {tuple(anchor.shape)}")
+        vectors = [torch.zeros(0, self.vae.num_params)]
+        for start in range(0, len(features), SAMPLING_BLOCK):
+            rows = min(SAMPLING_BLOCK, len(features) - start)
+            block = [start + min(i, rows - 1) for i in range(SAMPLING_BLOCK)]  # padded by repeating the last row
+            latents = self._sample_block(
+                features[block], [seeds[i] for i in block], steps, None if anchor is None else anchor[block], strength
+            )
+            vectors.append(self.normalization.denormalize(self.vae.decode(latents))[:rows].cpu())
+        return torch.cat(vectors)
 
     def generate(
         self, images: Sequence[Image.Image], seeds: Sequence[int] | int = 0, steps: int = DEFAULT_STEPS

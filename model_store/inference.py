@@ -6,7 +6,9 @@
 
 Both callers decode their images (the service from uploads with its limits, the CLI from files, both to RGB
 with `to_rgb`) and write the answer their way; everything between is here, so the same frame + options + store
-give the same tensors, metadata (the service adds its adapter_id) and policy on either side.
+give the same tensors, metadata (the service adds its adapter_id) and policy on either side. `infer_batch`
+answers several requests at once (the service's batches of concurrent requests) with the same bytes as `infer`
+gives each alone: their DDIM draws share calls in fixed blocks (`Generator.generate_vectors`).
 
 What is served:
 1. The condition (`Generator.condition`) and its distance to the seen locations (~1 typical).
@@ -279,11 +281,103 @@ def infer(
     """Background frames of ONE location (RGB) -> the adapter to serve (module docstring).
 
     Raises `OutOfDistribution` (policy reject) and ValueError for options this store cannot serve."""
+    [answer] = infer_batch(generator, [(images, options)], table=table, ood_threshold=ood_threshold)
+    if isinstance(answer, Exception):
+        raise answer
+    return answer
+
+
+def infer_batch(
+    generator: Generator,
+    requests: Sequence[tuple[Sequence[Image.Image], InferenceOptions]],
+    *,
+    table: ServingTable = ServingTable.DEFAULT,
+    ood_threshold: float = DEFAULT_OOD_THRESHOLD,
+) -> list[Inference | Exception]:
+    """Several requests (background frames, options) at once, as `infer` answers each: their DDIM draws share
+    batched calls (`draw`), which give every row the bytes it gets alone. A request's error is returned in its
+    place and never touches the others'."""
+    plans: list[Plan | Exception] = []
+    for images, options in requests:
+        try:
+            plans.append(plan(generator, images, options, table, ood_threshold))
+        except Exception as e:  # noqa: BLE001 - the request's own answer; the batch goes on
+            plans.append(e)
+    pending = [p for p in plans if isinstance(p, Plan) and isinstance(p.answer, Draw)]
+    try:
+        for p, vector in zip(pending, draw(generator, [p.answer for p in pending]), strict=True):
+            p.answer = vector
+    except Exception as e:  # noqa: BLE001 - a failed shared call fails each request that needed it
+        plans = [e if p in pending else p for p in plans]
+    answers: list[Inference | Exception] = []
+    for p in plans:
+        try:
+            answers.append(p if isinstance(p, Exception) else finish(generator, p, table))
+        except Exception as e:  # noqa: BLE001
+            answers.append(e)
+    return answers
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One adapter by DDIM: a (1, D) condition and a seed, from noise or from an (P,) anchor at `strength`."""
+
+    condition: torch.Tensor
+    seed: int
+    steps: int
+    anchor: torch.Tensor | None = None
+    strength: float = 1.0
+
+
+def draw(generator: Generator, draws: Sequence[Draw]) -> list[torch.Tensor]:
+    """Draws -> their (P,) adapters; one `generate_vectors` call per kind (steps, from noise or anchored at a
+    strength), whatever the number of draws."""
+    vectors: list[torch.Tensor | None] = [None] * len(draws)
+    kinds: dict[tuple, list[int]] = {}
+    for i, d in enumerate(draws):
+        kinds.setdefault((d.steps, d.anchor is None, d.strength), []).append(i)
+    for (steps, from_noise, strength), rows in kinds.items():
+        features = torch.cat([draws[i].condition for i in rows])  # (B, D)
+        anchor = None if from_noise else torch.stack([draws[i].anchor for i in rows])  # (B, P)
+        with torch.inference_mode():
+            out = generator.generate_vectors(features, [draws[i].seed for i in rows], steps, anchor, strength)
+        for i, vector in zip(rows, out, strict=True):
+            vectors[i] = vector
+    return vectors
+
+
+@dataclass
+class Plan:
+    """A request once its condition and method are known: `answer` is the adapter, or the DDIM draw that gives
+    it (`infer_batch` draws those of many requests together)."""
+
+    options: InferenceOptions
+    condition: torch.Tensor  # (1, D)
+    labels: list[int] | None  # few-shot labels as class indices
+    answer: torch.Tensor | Draw | None  # None: few-shot selection decides (`finish`)
+    method: str
+    region: str
+    policy_applied: str
+    distance: float
+    in_distribution: bool
+    nearest_location: str
+    metadata: dict[str, str]
+
+
+def plan(
+    generator: Generator,
+    images: Sequence[Image.Image],
+    options: InferenceOptions,
+    table: ServingTable,
+    ood_threshold: float,
+) -> Plan:
+    """Steps 1-3 of the module docstring; with shots, the answer is left to `finish`."""
     g = generator
     check_method(g, options.method)
     num_train_timesteps = g.scheduler_config["num_train_timesteps"]
     if options.steps > num_train_timesteps:
         raise ValueError(f"steps: at most {num_train_timesteps} for this store (its scheduler's timesteps)")
+    labels = None
     if options.shots is not None or options.labels:
         labels = labels_to_indices(list(options.labels), g.classes, 0 if options.shots is None else len(options.shots))
 
@@ -306,64 +400,75 @@ def infer(
         "frame_rule": options.frame_rule,
         "region": region,
     }
-    fewshot = zerolabel = None
+    applied = "generate"
     if options.shots is not None:
         # The shots choose among generated, nearest-location and base adapters: they decide, not the policy.
-        config = FewShotConfig(options.candidates, options.refine_steps)
-        fewshot = adapt(
-            g, condition.clone(), options.shots, labels, seed=options.seed, steps=options.steps,
-            fallback=g.location_means, config=config,
-        )  # fmt: skip
-        vector, method, applied = fewshot.vector, "fewshot", "fewshot"
-        metadata.update(fewshot.metadata(), refine_steps=str(options.refine_steps))
+        answer, method, applied = None, "fewshot", "fewshot"
     elif method == "generate" and not in_distribution and options.policy == "fallback":
         if g.location_means is not None:
-            vector = g.location_means[g.locations.index(nearest_location)]
+            answer = g.location_means[g.locations.index(nearest_location)]
             method, applied = "nearest", "fallback-nearest"
         else:
-            vector, method, applied = torch.zeros(g.vae.num_params), "base", "fallback-base"
+            answer, method, applied = torch.zeros(g.vae.num_params), "base", "fallback-base"
     else:
-        vector, applied = method_vector(g, condition, method, options.seed, options.steps, table), "generate"
-    if options.shots is None and options.frames is not None:
+        answer = method_answer(g, condition, method, options.seed, options.steps, table)
+    return Plan(options, condition, labels, answer, method, region, applied, distance, in_distribution,
+                nearest_location, metadata)  # fmt: skip
+
+
+def finish(generator: Generator, plan: Plan, table: ServingTable) -> Inference:
+    """Steps 4 and 5 of the module docstring on a plan whose draw is done -> the answer."""
+    g, options, metadata = generator, plan.options, dict(plan.metadata)
+    vector, method, applied = plan.answer, plan.method, plan.policy_applied
+    fewshot = zerolabel = None
+    if options.shots is not None:
+        config = FewShotConfig(options.candidates, options.refine_steps)
+        fewshot = adapt(
+            g, plan.condition.clone(), options.shots, plan.labels, seed=options.seed, steps=options.steps,
+            fallback=g.location_means, config=config,
+        )  # fmt: skip
+        vector = fewshot.vector
+        metadata.update(fewshot.metadata(), refine_steps=str(options.refine_steps))
+    elif options.frames is not None:
         frames = len(options.frames)
-        config = options.zerolabel or table.region_for(distance).zerolabel(frames, options.zerolabel_seconds)
+        config = options.zerolabel or table.region_for(plan.distance).zerolabel(frames, options.zerolabel_seconds)
         candidates = {method: vector}
         if config.select_margin is not None:
-            candidates.update(zerolabel_candidates(g, condition, options.seed, options.steps, table, exclude=method))
+            candidates.update(
+                zerolabel_candidates(g, plan.condition, options.seed, options.steps, table, exclude=method)
+            )
         zerolabel = zero_label(g, candidates, options.frames, config)
         vector, applied = zerolabel.vector, "zerolabel"
         method = "generate" if zerolabel.source.startswith("generated:") else zerolabel.source
         metadata.update(zerolabel.metadata())
     metadata.update(method=method, policy_applied=applied)
     state = {key: tensor.contiguous() for key, tensor in unflatten(vector, g.shapes).items()}
-    return Inference(vector, state, metadata, method, region, applied, distance, in_distribution, nearest_location,
-                     fewshot, zerolabel)  # fmt: skip
+    return Inference(vector, state, metadata, method, plan.region, applied, plan.distance, plan.in_distribution,
+                     plan.nearest_location, fewshot, zerolabel)  # fmt: skip
 
 
 def zerolabel_candidates(
     generator: Generator, condition: torch.Tensor, seed: int, steps: int, table: ServingTable, exclude: str = ""
 ) -> dict[str, torch.Tensor]:
     """What a zero-label choice may pick instead of the default: every other method the store can serve,
-    `ZEROLABEL_SEEDS` generated samples (one batched call) and the base model (the all-zero adapter)."""
-    candidates = {}
+    `ZEROLABEL_SEEDS` generated samples and the base model (the all-zero adapter); the draws in one call."""
     methods = [m for m in RETRIEVAL_METHODS if m != exclude] if generator.location_means is not None else []
-    for method in methods:
-        candidates[method] = method_vector(generator, condition, method, seed, steps, table)
-    seeds = [seed + i for i in range(ZEROLABEL_SEEDS)]
-    with torch.inference_mode():
-        generated = generator.generate_vectors(condition.expand(len(seeds), -1), seeds, steps)  # (S, P)
-    candidates.update({f"generated:{s}": vector for s, vector in zip(seeds, generated, strict=True)})
-    candidates["base"] = torch.zeros(generator.vae.num_params)
-    return candidates
+    answers = {method: method_answer(generator, condition, method, seed, steps, table) for method in methods}
+    answers.update({f"generated:{s}": Draw(condition, s, steps) for s in range(seed, seed + ZEROLABEL_SEEDS)})
+    drawn = [name for name, answer in answers.items() if isinstance(answer, Draw)]
+    answers.update(zip(drawn, draw(generator, [answers[name] for name in drawn]), strict=True))
+    answers["base"] = torch.zeros(generator.vae.num_params)
+    return answers
 
 
 @torch.inference_mode()
-def method_vector(
+def method_answer(
     generator: Generator, condition: torch.Tensor, method: str, seed: int, steps: int, table: ServingTable
-) -> torch.Tensor:
-    """(1, D) condition -> (P,) the adapter `method` gives (retrieval settings from `table`)."""
+) -> torch.Tensor | Draw:
+    """(1, D) condition -> the (P,) adapter `method` gives, or the `Draw` that gives it (retrieval settings
+    from `table`)."""
     if method == "generate":
-        return generator.generate_vectors(condition, [seed], steps)[0]
+        return Draw(condition, seed, steps)
     check_method(generator, method)
     distances = generator.location_distances(condition)[0]  # (L,)
     if method == "nearest":
@@ -371,4 +476,5 @@ def method_vector(
     blend = retrieval.knn_blend(generator.location_means, distances, table.knn_k, table.knn_weighting)  # (P,)
     if method == "knn_blend":
         return blend
-    return generator.generate_vectors(condition, [seed], steps, anchor=blend[None], strength=table.anchored_strength)[0]
+    return Draw(condition, seed, steps, blend, table.anchored_strength)
+

@@ -7,6 +7,8 @@
     wildpdiff fit      --data data/demo --store model_store/demo [--force]
     wildpdiff generate --store model_store/demo --background frame.png --out adapter/ [--seed 0] [--steps 10]
                        [--method knn_blend] [--policy fallback] [--shots a.png b.png --labels deer empty]
+    wildpdiff classify --store model_store/demo (--adapter FILE | --background IMG ...) --images CARD/
+                       --out predictions.json [--top-k 3] [--batch-size 64]      (offline, no server)
     wildpdiff evaluate --data data/demo --store model_store/demo [--ablation] [--scaling] [--fit-seeds N]
     wildpdiff pipeline --data data/demo --store model_store/demo     (all stages; resumable)
     wildpdiff serve    --store model_store/demo [--host 127.0.0.1] [--port 8000]
@@ -30,10 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from model_store.backbone import BACKBONE_FILE, open_clip_backbone
-from model_store.generator import DEFAULT_FRAME_RULE, DEFAULT_STEPS, FRAME_RULES
-from model_store.inference import DEFAULT_POLICY, METHODS, POLICIES
 from model_store.store import Store, StoreError
+from training import classify
 from training.data import CCTDataset, DataError, DatasetSpec, read_dataset
+from training.generate import generation_options
 from training.profiles import PROFILES, Profile, get_profile
 from training.tasks import assign_roles
 from training.zoo import EXECUTORS, Executor, ExecutorError
@@ -394,15 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--background", required=True, nargs="+", help="background (empty) frame(s) of the location, e.g. day and night"
     )
-    p.add_argument(
-        "--frame-rule",
-        choices=FRAME_RULES,
-        default=DEFAULT_FRAME_RULE,
-        help=f"how several frames become one condition (default {DEFAULT_FRAME_RULE}: of their features)",
-    )
     p.add_argument("--out", required=True, help="output folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps (default {DEFAULT_STEPS})")
+    generation_options(p)
     p.add_argument("--shots", nargs="+", default=[], help="labelled frames of the location: choose among candidates")
     p.add_argument("--labels", nargs="+", default=[], help="one class name per --shots file")
     p.add_argument("--candidates", type=int, default=16, help="generated candidates scored on the shots")
@@ -415,20 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="unlabelled frames of the location (files, or folders of .png/.jpg/.jpeg/.webp/.gif): choose and adapt "
         "without labels, as the store's serving table says for the frame's region (ignored with --shots)",
     )
-    p.add_argument(
-        "--method",
-        choices=METHODS,
-        help="generate (DDIM from noise), anchored (DDIM from the knn_blend adapter), knn_blend or nearest (the "
-        "seen locations' mean adapters); default: the store's serving table for the frame's distance region",
-    )
-    p.add_argument(
-        "--policy",
-        choices=POLICIES,
-        default=DEFAULT_POLICY,
-        help="out of distribution: generate anyway, fall back to the nearest seen location's mean adapter, or "
-        f"refuse (exit status 2); default {DEFAULT_POLICY}, as the service",
-    )
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("classify", help=classify.HELP, description=classify.HELP)
+    classify.add_arguments(p)
+    p.set_defaults(func=classify.classify)
 
     p = stage("evaluate", "RQ1-RQ3 with baselines, novelty and timing -> STORE/report/")
     p.add_argument("--ablation", action="store_true", help="also the saving-interval ablation (fits 3 generators)")

@@ -13,7 +13,7 @@ from PIL import Image
 
 from model_store import retrieval
 from model_store.condition import split_backgrounds, standardize
-from model_store.generator import Generator, StoredConditions
+from model_store.generator import SAMPLING_BLOCK, Generator, StoredConditions
 from model_store.inference import (
     SERVING_FILE,
     InferenceOptions,
@@ -62,8 +62,14 @@ def features(generator, frames):
     return generator.embed(list(frames))  # (3, D)
 
 
+def padded(rows: torch.Tensor | list) -> torch.Tensor | list:
+    """Rows -> one block of `SAMPLING_BLOCK` (the last row repeated), as `generate_vectors` computes them."""
+    extra = SAMPLING_BLOCK - len(rows)
+    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if torch.is_tensor(rows) else rows + rows[-1:] * extra
+
+
 def old_sample_latents(g: Generator, features: torch.Tensor, seeds: list[int], steps: int) -> torch.Tensor:
-    """`Generator.sample_latents` as it was before anchors: DDIM from each seed's noise."""
+    """`Generator.sample_latents` as it was before anchors and blocks: DDIM from each seed's noise."""
     condition = standardize(features, g.condition_mean, g.condition_std)
     latents = torch.stack([torch.randn(g.vae.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     scheduler = DDIMScheduler.from_config(g.scheduler_config)
@@ -82,8 +88,8 @@ def old_sample_latents(g: Generator, features: torch.Tensor, seeds: list[int], s
 
 def test_no_anchor_is_bit_identical_to_the_old_path(generator, features):
     with torch.no_grad():
-        latents = old_sample_latents(generator, features, [3, 4, 5], 5)
-        old = generator.normalization.denormalize(generator.vae.decode(latents))
+        latents = old_sample_latents(generator, padded(features), padded([3, 4, 5]), 5)
+        old = generator.normalization.denormalize(generator.vae.decode(latents))[:3]
     assert torch.equal(generator.generate_vectors(features, [3, 4, 5], 5), old)
     assert torch.equal(generator.generate_vectors(features, [3, 4, 5], 5, anchor=None, strength=1.0), old)
 
@@ -92,8 +98,27 @@ def test_strength_zero_is_the_anchor_reconstruction(generator, features):
     anchor = generator.location_means[:3]  # (3, P)
     g = generator
     with torch.no_grad():
-        expected = g.normalization.denormalize(g.vae.decode(g.vae.encode(g.normalization.normalize(anchor))))
-    assert torch.equal(g.generate_vectors(features, [0, 1, 2], 10, anchor=anchor, strength=0.0), expected)
+        expected = g.normalization.denormalize(g.vae.decode(g.vae.encode(g.normalization.normalize(padded(anchor)))))
+    assert torch.equal(g.generate_vectors(features, [0, 1, 2], 10, anchor=anchor, strength=0.0), expected[:3])
+
+
+def test_a_row_does_not_depend_on_the_rows_beside_it(generator, features):
+    """What lets the service batch concurrent requests: the same (condition, seed) gives the same bytes alone,
+    at any position of a larger call, and across block boundaries, whatever the other rows are."""
+    alone = generator.generate_vectors(features[:1], [7], 4)[0]
+    others = torch.randn(2 * SAMPLING_BLOCK + 3, features.shape[1])
+    for position in (0, 5, SAMPLING_BLOCK - 1, SAMPLING_BLOCK, 2 * SAMPLING_BLOCK + 2):
+        rows = torch.cat([others[:position], features[:1], others[position:]])
+        seeds = list(range(100, 100 + position)) + [7] + list(range(200, 200 + len(others) - position))
+        assert torch.equal(generator.generate_vectors(rows, seeds, 4)[position], alone), position
+
+
+def test_anchored_rows_do_not_depend_on_the_rows_beside_them(generator, features):
+    g = generator
+    anchor = g.location_means[:3]
+    alone = g.generate_vectors(features[:1], [1], 10, anchor=anchor[:1], strength=0.5)[0]
+    together = g.generate_vectors(features[[2, 1, 0]], [5, 6, 1], 10, anchor=anchor[[2, 1, 0]], strength=0.5)
+    assert torch.equal(together[2], alone)
 
 
 def test_anchored_is_deterministic_per_seed_and_between_anchor_and_noise(generator, features):
