@@ -179,44 +179,43 @@ def accuracies(
 # timing
 
 
-def seconds_per_adapter(
-    sample: Callable[[torch.Tensor, list[int]], torch.Tensor], features: torch.Tensor, batch: int, repeats: int
-) -> float:
-    """Median over `repeats` calls of seconds per adapter of `sample(features, seeds)` with `batch` rows of
-    one location's (1, D) features and fresh seeds per call."""
-    rows = features.expand(batch, -1)
-    sample(rows, list(range(batch)))  # warm-up
-    seconds = []
-    for repeat in range(repeats):
-        start = time.perf_counter()
-        sample(rows, list(range(repeat * batch, (repeat + 1) * batch)))
-        seconds.append((time.perf_counter() - start) / batch)
-    return statistics.median(seconds)
+def timings(
+    generator: Generator, samplers: Sequence[str], features: torch.Tensor, step_counts: Sequence[int]
+) -> dict[str, dict[int, dict]]:
+    """Per sampler and step count: median ms per adapter at batch 1 and at batch 64, from one location's (1, D)
+    features, fresh seeds per call, scheduler set-up included (as served).
 
-
-def timings(generator: Generator, samplers: Sequence[str], features: torch.Tensor, steps: int) -> dict[str, dict]:
-    """Per sampler: ms per adapter at batch 1 and 64 through `sample_with` (scheduler set-up included, as served),
-    so samplers and step counts compare on one loop. For DDIM also the served path (`generate_vectors`), whose
-    cost also depends on how it blocks rows (it is being changed; see the report)."""
-    out = {}
+    Every sampler runs through `sample_with`, so samplers and step counts compare on one loop; DDIM also through
+    the served path (`served_*`: `Generator.generate_vectors`, whose cost also depends on how it blocks rows).
+    The calls go in rounds over every configuration rather than one configuration after another: on shared
+    cores the speed drifts within a run, and rounds spread the drift over all of them alike."""
+    calls = {}  # (sampler, steps, field, batch) -> sample(rows, seeds)
     for name in samplers:
+        for steps in step_counts:
 
-        def loop(rows: torch.Tensor, seeds: list[int], name: str = name) -> torch.Tensor:
-            return sample_with(generator, SAMPLERS[name](generator.scheduler_config), rows, seeds, steps)
+            def loop(rows: torch.Tensor, seeds: list[int], name: str = name, steps: int = steps) -> torch.Tensor:
+                return sample_with(generator, SAMPLERS[name](generator.scheduler_config), rows, seeds, steps)
 
-        out[name] = {
-            "ms_batch1": 1000 * seconds_per_adapter(loop, features, 1, REPEATS_BATCH1),
-            "ms_per_adapter_batch64": 1000 * seconds_per_adapter(loop, features, 64, REPEATS_BATCH64),
-        }
-        if name == REFERENCE_SAMPLER:
-
-            def served(rows: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+            def served(rows: torch.Tensor, seeds: list[int], steps: int = steps) -> torch.Tensor:
                 return generator.generate_vectors(rows, seeds, steps)
 
-            out[name]["served_ms_batch1"] = 1000 * seconds_per_adapter(served, features, 1, REPEATS_BATCH1)
-            out[name]["served_ms_per_adapter_batch64"] = 1000 * seconds_per_adapter(
-                served, features, 64, REPEATS_BATCH64
-            )
+            for batch, field in ((1, "ms_batch1"), (64, "ms_per_adapter_batch64")):
+                calls[name, steps, field, batch] = loop
+                if name == REFERENCE_SAMPLER:
+                    calls[name, steps, f"served_{field}", batch] = served
+    seconds = {key: [] for key in calls}
+    for round_ in range(-1, REPEATS_BATCH1):  # round -1 warms every configuration up
+        for (name, steps, field, batch), sample in calls.items():
+            if batch > 1 and round_ >= REPEATS_BATCH64:
+                continue
+            rows, seeds = features.expand(batch, -1), list(range((round_ + 1) * batch, (round_ + 2) * batch))
+            start = time.perf_counter()
+            sample(rows, seeds)
+            if round_ >= 0:
+                seconds[name, steps, field, batch].append((time.perf_counter() - start) / batch)
+    out = {name: {steps: {} for steps in step_counts} for name in samplers}
+    for (name, steps, field, _), values in seconds.items():
+        out[name][steps][field] = 1000 * statistics.median(values)
     return out
 
 
@@ -332,8 +331,7 @@ def run(data: str, store_path: str, seeds: int, step_counts: Sequence[int], samp
                 for name in samplers
             }
         with clock() as timing_clock:
-            by_steps = {s: timings(generator, samplers, features[:1], s) for s in step_counts}
-            timing = {name: {s: by_steps[s][name] for s in step_counts} for name in samplers}
+            timing = timings(generator, samplers, features[:1], step_counts)
             embed_ms = 1000 * embedding_seconds(generator, tasks[0], REPEATS_BATCH1)
 
     table = summarise(per_location, timing, config, with_test)
