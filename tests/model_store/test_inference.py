@@ -65,7 +65,9 @@ def features(generator, frames):
 def padded(rows: torch.Tensor | list) -> torch.Tensor | list:
     """Rows -> one block of `SAMPLING_BLOCK` (the last row repeated), as `generate_vectors` computes them."""
     extra = SAMPLING_BLOCK - len(rows)
-    return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])]) if torch.is_tensor(rows) else rows + rows[-1:] * extra
+    if torch.is_tensor(rows):
+        return torch.cat([rows, rows[-1:].expand(extra, *rows.shape[1:])])
+    return rows + rows[-1:] * extra
 
 
 def old_sample_latents(g: Generator, features: torch.Tensor, seeds: list[int], steps: int) -> torch.Tensor:
