@@ -8,11 +8,15 @@ admitted (running + waiting); the next one is refused at once with 429 + Retry-A
 without bound, as trusted model servers do. Each request also has a deadline (`app/budget.py`): past it the
 client gets 503, and the inference thread drops the request's work at its next check.
 
+Decoding. Uploads are decoded and shrunk to the model's size on ONE decode thread, which works on the next
+requests while the inference thread runs the model (decoding was a quarter of the inference thread's time for
+16-frame /classify requests on demo); one thread, so at most one full-size image is in memory at a time.
+
 Batching (`app/batching.py`). Concurrent generations without shots or frames run as one batch
 (`model_store.inference.infer_batch`: their DDIM draws share calls); concurrent /classify requests with the same
 adapter (or none) send their frames through the classifier together (`model_store.classify`). Both compute in
-blocks of a fixed size, so a request gets the same bytes whichever requests shared its batch. Uploaded
-adapters, few-shot and zero-label requests run alone.
+blocks of a fixed size, so a request gets the same bytes whichever requests shared its batch. Few-shot and
+zero-label requests run alone.
 
 What a generated adapter is comes from `model_store.inference.infer`, the path `wildpdiff generate` takes too,
 so the CLI and the service answer the same frame and options with the same tensors and policy.
@@ -34,7 +38,8 @@ import logging
 import tempfile
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +151,7 @@ class Runtime:
         self.max_steps = generator.scheduler_config["num_train_timesteps"]
         self._pending = 0
         self.batcher = Batcher(settings.max_batch, settings.max_batch_wait_ms / 1000, lambda: self._pending, metrics)
+        self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wildpdiff-decode")
 
     @classmethod
     def load(cls, settings: Settings, metrics: Metrics) -> Runtime:
@@ -158,6 +164,7 @@ class Runtime:
         return cls(generator, store, settings, metrics)
 
     def close(self) -> None:
+        self._decoder.shutdown(wait=True, cancel_futures=True)
         self.batcher.close()
 
     # --- admission and the inference thread
@@ -178,18 +185,25 @@ class Runtime:
             self._pending -= 1
             self.metrics.queue_depth.set(self._pending)
 
-    async def _run(self, job: Job) -> Any:
-        """`job` on the inference thread, batched with others of its key; 503 once its deadline passes, whether
-        it waits or runs."""
+    async def _within(self, deadline: Deadline, work: Awaitable[Any]) -> Any:
+        """`work`'s result; 503 once `deadline` passes, whether the work waits or runs."""
         try:
-            return await asyncio.wait_for(self.batcher.submit(job), job.deadline.remaining())
+            return await asyncio.wait_for(work, deadline.remaining())
         except (TimeoutError, DeadlineExceeded):
             raise ApiError(
                 503,
-                f"the request did not finish within its deadline of {job.deadline.seconds:g} s (request_timeout_s): "
+                f"the request did not finish within its deadline of {deadline.seconds:g} s (request_timeout_s): "
                 "the server is busy or the request too heavy; retry later or send less work",
                 {"Retry-After": str(self.settings.retry_after_s)},
             ) from None
+
+    async def _run(self, job: Job) -> Any:
+        """`job` on the inference thread, batched with others of its key."""
+        return await self._within(job.deadline, self.batcher.submit(job))
+
+    async def _off_loop(self, deadline: Deadline, fn, *args) -> Any:
+        """`fn(*args)` on the decode thread."""
+        return await self._within(deadline, asyncio.get_running_loop().run_in_executor(self._decoder, fn, *args))
 
     # --- generation
 
@@ -250,41 +264,37 @@ class Runtime:
         # Shots and frames make a request's own heavy work (selection, adaptation): those run alone.
         key = None if request.shots or request.frames else "adapters"
         with self._admit():
-            adapter = await self._run(
-                Job(key, self._generate, (adapter_id, backgrounds, request, deadline), "adapters", deadline)
-            )
+            images, options = await self._off_loop(deadline, self._inputs, backgrounds, request, deadline)
+            adapter = await self._run(Job(key, self._generate, (adapter_id, images, options), "adapters", deadline))
         self.metrics.generations.inc()
         self.cache.put(adapter)
         return adapter
 
-    def _generate(self, jobs: list[tuple[str, list[Upload], Generation, Deadline]]) -> list[Adapter | Exception]:
+    def _inputs(
+        self, backgrounds: list[Upload], request: Generation, deadline: Deadline
+    ) -> tuple[list[Image.Image], InferenceOptions]:
+        """On the decode thread: a generation request's uploads -> what `infer` takes."""
+        images = [self._decode(b, deadline) for b in backgrounds]
+        options = InferenceOptions(
+            seed=request.seed,
+            steps=request.steps,
+            frame_rule=self.settings.frame_rule,
+            policy=request.policy,
+            method=request.method,
+            shots=self._pixels(list(request.shots), deadline) if request.shots else None,
+            labels=request.labels,
+            refine_steps=request.refine_steps,
+            candidates=self.settings.fewshot_candidates,
+            frames=self._pixels(list(request.frames), deadline) if request.frames else None,
+            zerolabel_seconds=self.settings.zerolabel_seconds,
+        )
+        return images, options
+
+    def _generate(self, jobs: list[tuple[str, list[Image.Image], InferenceOptions]]) -> list[Adapter | Exception]:
         """On the inference thread: generation requests -> their adapters (or errors), drawn together."""
-        ids, requests, answers = [], [], []
-        for adapter_id, backgrounds, request, deadline in jobs:
-            try:
-                images = [self._decode(b, deadline) for b in backgrounds]
-                options = InferenceOptions(
-                    seed=request.seed,
-                    steps=request.steps,
-                    frame_rule=self.settings.frame_rule,
-                    policy=request.policy,
-                    method=request.method,
-                    shots=self._pixels(list(request.shots), deadline) if request.shots else None,
-                    labels=request.labels,
-                    refine_steps=request.refine_steps,
-                    candidates=self.settings.fewshot_candidates,
-                    frames=self._pixels(list(request.frames), deadline) if request.frames else None,
-                    zerolabel_seconds=self.settings.zerolabel_seconds,
-                )
-            except (ApiError, DeadlineExceeded) as e:
-                answers.append(e)
-                continue
-            ids.append(adapter_id)
-            requests.append((images, options))
-            answers.append(None)  # filled below
-        results = iter(infer_batch(self.generator, requests, table=self.serving, ood_threshold=self.ood_threshold))
-        adapter_ids = iter(ids)
-        return [answer if answer is not None else self._adapter(next(adapter_ids), next(results)) for answer in answers]
+        requests = [(images, options) for _, images, options in jobs]
+        results = infer_batch(self.generator, requests, table=self.serving, ood_threshold=self.ood_threshold)
+        return [self._adapter(adapter_id, result) for (adapter_id, _, _), result in zip(jobs, results, strict=True)]
 
     @staticmethod
     def _adapter(adapter_id: str, result) -> Adapter | Exception:
@@ -318,15 +328,6 @@ class Runtime:
         return buffer.getvalue()
 
     # --- uploaded adapters
-
-    def _parse_adapters(self, uploads: list[Upload]) -> list[Adapter | Exception]:
-        answers = []
-        for upload in uploads:
-            try:
-                answers.append(self._parse_adapter(upload))
-            except ApiError as e:
-                answers.append(e)
-        return answers
 
     def _parse_adapter(self, upload: Upload) -> Adapter:
         # An adapter is a few thousand floats; refusing big files first also bounds the safetensors header.
@@ -367,38 +368,25 @@ class Runtime:
             chosen = await self.create_adapter(backgrounds, generation, deadline)
         with self._admit():
             if adapter is not None:
-                chosen = await self._run(Job(None, self._parse_adapters, adapter, "adapter", deadline))
+                chosen = await self._off_loop(deadline, self._parse_adapter, adapter)
                 self.cache.put(chosen)
+            pixels = await self._off_loop(deadline, self._pixels, images, deadline)
             # Requests with the same adapter (or none) share the classifier's calls.
             key = ("classify", chosen.id if chosen else "")
-            predictions = await self._run(Job(key, self._classify, (images, chosen, deadline), "classify", deadline))
-        return chosen, predictions
+            probs = await self._run(Job(key, self._classify, (pixels, chosen), "classify", deadline))
+        return chosen, self._predictions(images, probs)
 
-    def _classify(self, jobs: list[tuple[list[Upload], Adapter | None, Deadline]]) -> list[list[Prediction] | Any]:
-        """On the inference thread: /classify requests with ONE adapter -> their predictions (or errors); the
-        frames of all of them go through the classifier together."""
+    def _classify(self, jobs: list[tuple[torch.Tensor, Adapter | None]]) -> list[torch.Tensor | ApiError]:
+        """On the inference thread: the pixels of /classify requests with ONE adapter -> their class
+        probabilities; the frames of all of them go through the classifier together."""
+        pixels = [p for p, _ in jobs]
         adapter = jobs[0][1]
-        pixels, answers = [], []
-        for uploads, _, deadline in jobs:
-            try:
-                pixels.append(self._pixels(uploads, deadline))
-                answers.append(None)
-            except (ApiError, DeadlineExceeded) as e:
-                answers.append(e)
-        if not pixels:
-            return answers
         state = adapter and adapter.state
         try:
-            probs = class_probabilities(self.generator, torch.cat(pixels), state).split([len(p) for p in pixels])
+            return list(class_probabilities(self.generator, torch.cat(pixels), state).split([len(p) for p in pixels]))
         except NonFiniteScores:
             # Only an adapter can do this (weights within the limits, yet too large together); find whose frames.
-            probs = [self._probabilities_or_error(p, state) for p in pixels]
-        probs = iter(probs)
-        jobs_done = [answer if answer is not None else next(probs) for answer in answers]
-        return [
-            answer if isinstance(answer, Exception) else self._predictions(uploads, answer)
-            for answer, (uploads, _, _) in zip(jobs_done, jobs, strict=True)
-        ]
+            return [self._probabilities_or_error(p, state) for p in pixels]
 
     def _probabilities_or_error(self, pixels: torch.Tensor, state) -> torch.Tensor | ApiError:
         try:
@@ -426,8 +414,8 @@ class Runtime:
         return normalize(torch.from_numpy(np.stack(small)).to(self.device), self.generator.backbone_config)
 
     def _decode(self, upload: Upload, deadline: Deadline) -> Image.Image:
-        """One upload, on the inference thread; decoding is a request's main cost, so the deadline is checked
-        before each image."""
+        """One upload, on the decode thread; decoding is a request's main cost, so the deadline is checked before
+        each image."""
         deadline.check()
         return decode_image(upload.data, upload.name, self.settings.max_image_pixels)
 

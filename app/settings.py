@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(30.0, gt=0, description="deadline of a request's model work, queue included")
 
     # Work limits: requests beyond `max_pending` (running + waiting) are refused with 429 + Retry-After.
-    max_pending: int = Field(16, ge=1)
+    max_pending: int = Field(64, ge=1)
     retry_after_s: int = Field(1, ge=1)
     # Batching (app/batching.py): concurrent requests of one kind share a model call, up to `max_batch` of them
     # (1: every request alone); the inference thread waits up to `max_batch_wait_ms` for requests on their way.

@@ -14,18 +14,25 @@ with a 95% bootstrap CI (`training.evaluation.roles.paired_difference`), per rol
 Samplers (all start from the same seeded noise, so a difference at a location is the sampler's, not the seed's):
 
     ddim          `Generator.generate_vectors` with the store's scheduler config: what the service runs
-    ddim_leading  the same with timestep_spacing="leading": a check of the spacing, which decides where a
-                  1-2 step sample starts (leading starts a 1-step sample at t=0, i.e. it never denoises)
-    dpm_solver    DPM-Solver++ (2M, multistep, second order) on the same denoiser and timesteps: as many
-                  denoiser passes per step as DDIM (one), a better ODE step from the previous x0 predictions
+    ddim_leading  the same with timestep_spacing="leading" instead of the store's "trailing": a check of the
+                  spacing, which decides where a 1-2 step sample starts (trailing: t=999, pure noise as trained;
+                  leading: a 1-step sample's only timestep is t=0, so the denoiser is told the noise is clean)
+    dpm_solver    DPM-Solver++(2M) on the same denoiser and timesteps: one denoiser pass per step, as DDIM, and
+                  a second-order step from the previous x0 predictions (identical to DDIM at 1 and 2 steps)
 
-Recommendation (made on VAL only): the fewest DDIM steps whose mean val accuracy over all val locations is
-within TOLERANCE of REFERENCE_STEPS'; the paired CI says whether that is a statistical tie. `--test` also scores
-the test splits; they are reported beside val, labelled, and never used to choose anything.
+Beside accuracy, per step count: the spread of a location's seeds (mean pairwise distance of their adapters in
+z-scored coordinates) and the selection gain (the seed best on the even val frames, scored on the odd ones,
+minus the seeds' mean there): few-shot, zero-label and best-of-n choices pick among generated candidates and
+gain nothing when every seed gives the same adapter.
 
-Timing: seconds per adapter from condition features to flat adapter (sampling + VAE decode; the frame
-embedding is measured once beside it, as it does not depend on the sampler), at batch 1 and per adapter at
-batch 64, median of repeats, on ONE torch thread (as `wildpdiff evaluate` and bench.adaptation run).
+Recommendation (made on VAL only): per sampler, the fewest steps whose mean val accuracy over all val locations
+is within TOLERANCE of the reference's; the paired CI says whether that is a statistical tie. `--test` also
+scores the test splits; they are reported beside val, labelled, and never used to choose anything.
+
+Timing: ms per adapter from condition features to flat adapter (scheduler set-up, sampling, VAE decode; the
+frame embedding does not depend on the sampler and is measured once beside it), at batch 1 and per adapter at
+batch 64, median of repeats, on ONE torch thread (as `wildpdiff evaluate` and bench.adaptation run). All
+samplers are timed through one loop (`sample_with`); DDIM also through `Generator.generate_vectors` (served_*).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, SchedulerMixin
 
 from bench.measure import clock, cpu_jiffies, load_average, machine, steal_share
 from model_store.condition import standardize
@@ -86,12 +93,16 @@ def dpm_solver(config: dict) -> DPMSolverMultistepScheduler:
     )
 
 
-SAMPLERS: dict[str, Callable[[dict], object]] = {"ddim": ddim, "ddim_leading": ddim_leading, "dpm_solver": dpm_solver}
+SAMPLERS: dict[str, Callable[[dict], SchedulerMixin]] = {
+    "ddim": ddim,
+    "ddim_leading": ddim_leading,
+    "dpm_solver": dpm_solver,
+}
 
 
 @torch.no_grad()
 def sample_with(
-    generator: Generator, scheduler, features: torch.Tensor, seeds: Sequence[int], steps: int
+    generator: Generator, scheduler: SchedulerMixin, features: torch.Tensor, seeds: Sequence[int], steps: int
 ) -> torch.Tensor:
     """(B, D) features, B seeds -> (B, P) flat adapters: `Generator.generate_vectors` (from noise) with any
     diffusers scheduler, the same condition, seeded noise and residual base, and no row blocking.
@@ -166,7 +177,7 @@ def accuracies(
             "location": task.location,
             "role": task.role,
             "val_acc": float(1 - wrong.mean()),
-            "spread": float(torch.pdist(generator.normalization.normalize(adapters)).mean()) if seeds > 1 else 0.0,
+            "spread": float(torch.pdist(generator.normalization.normalize(adapters)).mean()),
             "selection_gain": float(held[pick] - held.mean()),
         }
         if with_test:
@@ -283,7 +294,7 @@ def summarise(per_location: dict, timing: dict, config: EvalConfig, with_test: b
                 )[ALL]
             entry["spread"] = mean_by_role(rows, "spread")
             entry["selection_gain"] = mean_by_role(rows, "selection_gain")
-            entry["spread_vs_reference"] = entry["spread"][ALL] / reference_spread if reference_spread else None
+            entry["spread_vs_reference"] = entry["spread"][ALL] / reference_spread
             if with_test:
                 entry["test_acc_report_only"] = mean_by_role(rows, "test_acc")
             table[name][steps] = entry | {key: round(value, 3) for key, value in timing[name][steps].items()}
@@ -451,6 +462,8 @@ def main() -> None:
     parser.add_argument("--samplers", nargs="+", choices=sorted(SAMPLERS), default=list(SAMPLERS))
     parser.add_argument("--test", action="store_true", help="also score the test splits (reported, never chosen on)")
     args = parser.parse_args()
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2: the spread and the selection gain compare a location's seeds")
     result = run(args.data, args.store, args.seeds, args.steps, args.samplers, args.test)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

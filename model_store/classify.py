@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from model_store.generator import Generator
-from model_store.lora import adapted_logits
+from model_store.lora import adapted_classifier
 
 CLASSIFY_BLOCK = 16
 
@@ -32,15 +32,16 @@ def class_probabilities(
 
     Raises `NonFiniteScores` rather than return NaN or infinity."""
     g = generator
+    classifier = g.classifier  # with the adapter: its weights merged once for every block
     if state is not None:
-        state = {key: tensor.to(g.device) for key, tensor in state.items()}
+        classifier = adapted_classifier(g.classifier, {k: v.to(g.device) for k, v in state.items()}, g.layout)
     out = []
     for start in range(0, len(pixels), CLASSIFY_BLOCK):
         block = pixels[start : start + CLASSIFY_BLOCK].to(g.device)
         rows = len(block)
         if rows < CLASSIFY_BLOCK:  # pad with zero frames: fixed shape, fixed arithmetic
             block = torch.cat([block, block.new_zeros(CLASSIFY_BLOCK - rows, *block.shape[1:])])
-        logits = g.classifier(block) if state is None else adapted_logits(g.classifier, state, g.layout, block)
+        logits = classifier(block)
         out.append(logits[:rows].float().softmax(dim=-1).cpu())
     probs = torch.cat(out) if out else torch.zeros(0, len(g.classes))
     if not torch.isfinite(probs).all():

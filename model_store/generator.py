@@ -50,9 +50,11 @@ from model_store.store import Store, StoreError
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
 
 SCHEDULER_FILE = "scheduler/scheduler_config.json"
-# DDIM steps when a caller names none. `make bench` on demo: 5 and 10 steps are within 0.5 points of 50 on the
-# val split (0.927 / 0.926 vs 0.928) at a fifth of the time; 10 keeps a margin.
-DEFAULT_STEPS = 10
+# DDIM steps when a caller names none. `python -m bench.steps` on demo (80 val locations x 4 seeds): every count
+# from 1 to 20 ties with 10 on val (2 steps: +0.03 points [-0.41, +0.50]) at a third of the time. 1 step ties too
+# (+0.35) and is faster still, but from one step every seed gives nearly the same adapter (spread 0.17 of
+# 10 steps', 0.79 at 2), and few-shot and zero-label requests choose among seeds.
+DEFAULT_STEPS = 2
 # Rows per denoiser and VAE call (`Generator.generate_vectors`). Torch's CPU kernels pick their algorithm by
 # batch size, so a row computed in a batch of 2 and in one of 64 differs in the last bits; in blocks of one
 # fixed size an adapter's bytes never depend on which rows shared its call (the service batches concurrent

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -249,12 +250,21 @@ def merged_weights(
     return weights
 
 
+def adapted_classifier(
+    classifier: Classifier, state: dict[str, torch.Tensor], layout: LoraLayout
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The classifier with the adapter applied, weights merged once for any number of calls: pixels -> logits
+    (B, classes). The module's weights are restored after each call. Not thread-safe on a shared classifier
+    (module docstring)."""
+    weights = merged_weights(classifier, state, layout)
+    return lambda pixels: functional_call(classifier, weights, (pixels,))
+
+
 def adapted_logits(
     classifier: Classifier, state: dict[str, torch.Tensor], layout: LoraLayout, pixels: torch.Tensor
 ) -> torch.Tensor:
-    """Logits (B, classes) of the classifier with the adapter applied; the module's weights are restored after
-    the call. Not thread-safe on a shared classifier (module docstring)."""
-    return functional_call(classifier, merged_weights(classifier, state, layout), (pixels,))
+    """Logits (B, classes) of the classifier with the adapter applied (`adapted_classifier`, for one call)."""
+    return adapted_classifier(classifier, state, layout)(pixels)
 
 
 @torch.no_grad()
