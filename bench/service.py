@@ -74,7 +74,7 @@ def plan_pinning(pin: bool | None) -> dict:
     if pin is None and len(cores) < 3:
         reason = (
             f"{len(cores)} cores: pinning would leave the server one core for its event loop and inference thread "
-            "together, so server and clients share both (--pin pins anyway)"
+            "together, so server and clients share both; --pin pins anyway"
         )
         return {"applied": False, "reason": reason, "cores": cores}
     if len(cores) < 3:
