@@ -31,7 +31,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-# Speed, memory and accuracy ratios against the built store -> bench/results/ (quick: ~5 min on 2 cores).
+# Speed, memory and accuracy ratios against the built store -> bench/results/ (quick: ~3 min on 2 cores).
 # BENCH_ARGS=--full measures every location and the memory of every smoke-pipeline stage.
 bench: install
 	$(BIN)/python -m bench.run --data $(DATA) --store $(STORE) $(BENCH_ARGS)
