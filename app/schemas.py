@@ -76,7 +76,7 @@ class InfoOut(BaseModel):
                             {"region": "ood", "max_distance": None, "method": "knn_blend"},
                         ],
                         "knn_blend": {"k": 3, "weighting": "inverse_distance"},
-                        "anchored": {"strength": 0.5},
+                        "anchored": {"strength": 0.5, "steps": 10},
                         "chosen_on": "val splits of the evaluated seen, interp and unseen locations",
                     },
                     "versions": {"wild_p_diff": "0.1.0", "torch": "2.14.1"},

@@ -116,6 +116,9 @@ class ServingTable:
     knn_k: int = 3
     knn_weighting: str = "inverse_distance"
     anchored_strength: float = 0.5
+    # DDIM steps the strength was chosen at; anchored draws never take fewer (`method_answer`). Tables written
+    # before the field were all chosen at 10.
+    anchored_steps: int = 10
     chosen_on: str = ""
 
     VERSION: ClassVar[int] = 1
@@ -135,6 +138,8 @@ class ServingTable:
             raise ValueError(f"unknown knn weighting {self.knn_weighting!r}: expected one of {retrieval.WEIGHTINGS}")
         if not 0.0 <= self.anchored_strength <= 1.0:
             raise ValueError(f"anchored strength must be in [0, 1], got {self.anchored_strength}")
+        if self.anchored_steps < 1:
+            raise ValueError(f"anchored steps must be at least 1, got {self.anchored_steps}")
 
     def region_for(self, distance: float) -> Region:
         return next(r for r in self.regions if r.max_distance is None or r.max_distance >= distance)
@@ -159,6 +164,7 @@ class ServingTable:
                 int(data["knn_blend"]["k"]),
                 data["knn_blend"]["weighting"],
                 float(data["anchored"]["strength"]),
+                int(data["anchored"].get("steps", 10)),
                 data.get("chosen_on", ""),
             )
         except (KeyError, TypeError) as e:
@@ -169,7 +175,7 @@ class ServingTable:
             "version": self.VERSION,
             "regions": [region.to_dict() for region in self.regions],
             "knn_blend": {"k": self.knn_k, "weighting": self.knn_weighting},
-            "anchored": {"strength": self.anchored_strength},
+            "anchored": {"strength": self.anchored_strength, "steps": self.anchored_steps},
             "chosen_on": self.chosen_on,
         }
 
@@ -412,6 +418,8 @@ def plan(
             answer, method, applied = torch.zeros(g.vae.num_params), "base", "fallback-base"
     else:
         answer = method_answer(g, condition, method, options.seed, options.steps, table)
+        if isinstance(answer, Draw):
+            metadata["steps"] = str(answer.steps)  # anchored: at least the table's steps
     return Plan(options, condition, labels, answer, method, region, applied, distance, in_distribution,
                 nearest_location, metadata)  # fmt: skip
 
@@ -476,5 +484,6 @@ def method_answer(
     blend = retrieval.knn_blend(generator.location_means, distances, table.knn_k, table.knn_weighting)  # (P,)
     if method == "knn_blend":
         return blend
-    return Draw(condition, seed, steps, blend, table.anchored_strength)
+    # Fewer steps than the strength was chosen at may leave no timestep below strength x T: the blend itself.
+    return Draw(condition, seed, max(steps, table.anchored_steps), blend, table.anchored_strength)
 

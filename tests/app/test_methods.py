@@ -54,7 +54,7 @@ def table(smoke_store, paths) -> dict:
             {"region": "ood", "max_distance": None, "method": "knn_blend"},
         ],
         "knn_blend": {"k": 2, "weighting": "inverse_distance"},
-        "anchored": {"strength": 0.6},
+        "anchored": {"strength": 0.6, "steps": 10},
         "chosen_on": "a test",
     }
 

@@ -35,7 +35,7 @@ TABLE = {
         {"region": "ood", "max_distance": None, "method": "knn_blend"},
     ],
     "knn_blend": {"k": 2, "weighting": "uniform"},
-    "anchored": {"strength": 0.5},
+    "anchored": {"strength": 0.5, "steps": 10},
     "chosen_on": "a test",
 }
 
@@ -197,6 +197,8 @@ def test_serving_table_picks_regions_in_order():
     assert ServingTable.DEFAULT.method_for(1e9) == ("all", "generate")
     with_counts = {**TABLE, "regions": [{**r, "locations": 2} for r in TABLE["regions"]]}
     assert ServingTable.from_dict(with_counts).to_dict() == with_counts
+    # tables written before `anchored.steps` were all chosen at 10 steps
+    assert ServingTable.from_dict({**TABLE, "anchored": {"strength": 0.5}}).anchored_steps == 10
 
 
 @pytest.mark.parametrize(
@@ -209,6 +211,7 @@ def test_serving_table_picks_regions_in_order():
         ({"knn_blend": {"k": 0, "weighting": "uniform"}}, "k must be at least 1"),
         ({"knn_blend": {"k": 2, "weighting": "median"}}, "weighting"),
         ({"anchored": {"strength": 2.0}}, "strength"),
+        ({"anchored": {"strength": 0.5, "steps": 0}}, "steps must be at least 1"),
         ({"anchored": {}}, "malformed"),
     ],
 )
@@ -232,8 +235,24 @@ def test_load_serving_table(smoke_store, tmp_path):
 # one inference path
 
 
-def table_of(method: str) -> ServingTable:
-    return ServingTable((Region("all", None, method),), knn_k=2, knn_weighting="inverse_distance")
+def table_of(method: str, anchored_steps: int = 1) -> ServingTable:
+    return ServingTable(
+        (Region("all", None, method),), knn_k=2, knn_weighting="inverse_distance", anchored_steps=anchored_steps
+    )
+
+
+def test_anchored_never_samples_with_fewer_steps_than_its_strength_was_chosen_at(generator, frames):
+    g, image = generator, frames[1]
+    condition = g.embed([image])
+    blend = retrieval.knn_blend(g.location_means, g.location_distances(condition)[0], 2, "inverse_distance")
+    table = dataclasses.replace(table_of("anchored", anchored_steps=10), anchored_strength=0.3)
+    result = infer(g, [image], InferenceOptions(seed=1, steps=2), table=table)
+    assert torch.equal(result.vector, g.generate_vectors(condition, [1], 10, anchor=blend[None], strength=0.3)[0])
+    assert result.metadata["steps"] == "10"
+    # why: at 2 (trailing) steps no timestep lies below 0.3 x T, and the answer would be the blend itself
+    at_two = infer(g, [image], InferenceOptions(seed=1, steps=2), table=dataclasses.replace(table, anchored_steps=1))
+    assert torch.equal(at_two.vector, g.generate_vectors(condition, [1], 2, anchor=blend[None], strength=0.0)[0])
+    assert not torch.equal(at_two.vector, result.vector)
 
 
 def test_infer_generates_by_default(generator, frames):

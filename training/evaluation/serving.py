@@ -80,7 +80,7 @@ def choose_serving(
             "version": 1,
             "regions": regions,
             "knn_blend": {"k": int(k), "weighting": weighting},
-            "anchored": {"strength": strength},
+            "anchored": {"strength": strength, "steps": config.steps},
             "chosen_on": "val splits of the evaluated seen, interp and unseen locations (one fresh frame each)",
         }
     )
