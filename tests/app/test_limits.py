@@ -112,7 +112,9 @@ def test_deadline_answers_503_and_the_inference_thread_drops_the_late_work(make_
         )
         thread.start()
         assert entered.wait(timeout=30)
-        refused(http.post("/classify", files=images[1:2]), 503, "deadline")
+        queued = http.post("/classify", files=images[1:2])  # waits in the batcher's queue behind the stuck job
+        refused(queued, 503, "deadline")
+        assert int(queued.headers["Retry-After"]) >= 1
         thread.join(timeout=30)
         refused(first["r"], 503, "deadline")
         release.set()
