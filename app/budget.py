@@ -7,13 +7,13 @@ bounds it where a count of images cannot. DDIM steps (`max_steps`) and few-shot 
 = shots x refine_steps) are refused with 422 by the runtime; counts of files have their own limits.
 
 Deadline (`request_timeout_s`, counted from when the runtime takes the request, queue included). When it
-passes, the event loop stops waiting and answers 503 with Retry-After; the inference thread checks it before
-each job and between decoded images, so it drops work whose client has already been answered.
+passes, the event loop stops waiting and answers 503 with Retry-After; the batcher drops a job past it when its
+batch forms and the decode thread checks it before each image, so work whose client has already been answered
+is dropped.
 """
 
 from __future__ import annotations
 
-import math
 import time
 
 from fastapi import Request
@@ -27,7 +27,7 @@ NOT_IMAGES = frozenset({"adapter"})  # file fields that hold something else than
 
 
 class DeadlineExceeded(Exception):
-    """Raised on the inference thread at a check after the request's deadline."""
+    """Raised at a check (decode thread, batcher) after the request's deadline."""
 
 
 class Deadline:
@@ -42,8 +42,6 @@ class Deadline:
         if self.remaining() <= 0:
             raise DeadlineExceeded
 
-
-NO_DEADLINE = Deadline(math.inf)
 
 
 async def check_request_pixels(request: Request) -> None:
