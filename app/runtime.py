@@ -6,7 +6,7 @@ shared classifier for the duration of the call: two threads would see each other
 intra-op threads use the cores instead. In front of that thread, at most `max_pending` requests are
 admitted (running + waiting); the next one is refused at once with 429 + Retry-After rather than queued
 without bound, as trusted model servers do. Each request also has a deadline (`app/budget.py`): past it the
-client gets 503, and the inference thread drops the request's work at its next check.
+client gets 503, and the request's work is dropped at its next check (decoding, or when its batch forms).
 
 Decoding. Uploads are decoded and shrunk to the model's size on ONE decode thread, which works on the next
 requests while the inference thread runs the model (decoding was a quarter of the inference thread's time for
