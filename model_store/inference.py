@@ -352,7 +352,7 @@ def draw(generator: Generator, draws: Sequence[Draw]) -> list[torch.Tensor]:
     return vectors
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: its fields hold tensors
 class Plan:
     """A request once its condition and method are known: `answer` is the adapter, or the DDIM draw that gives
     it (`infer_batch` draws those of many requests together)."""

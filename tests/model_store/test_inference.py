@@ -21,6 +21,7 @@ from model_store.inference import (
     Region,
     ServingTable,
     infer,
+    infer_batch,
     load_serving_table,
 )
 from model_store.lora import flatten
@@ -71,7 +72,7 @@ def padded(rows: torch.Tensor | list) -> torch.Tensor | list:
 
 
 def old_sample_latents(g: Generator, features: torch.Tensor, seeds: list[int], steps: int) -> torch.Tensor:
-    """`Generator.sample_latents` as it was before anchors and blocks: DDIM from each seed's noise."""
+    """The generator's sampling loop as it was before anchors and blocks: DDIM from each seed's noise."""
     condition = standardize(features, g.condition_mean, g.condition_std)
     latents = torch.stack([torch.randn(g.vae.latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     scheduler = DDIMScheduler.from_config(g.scheduler_config)
@@ -253,6 +254,17 @@ def test_anchored_never_samples_with_fewer_steps_than_its_strength_was_chosen_at
     at_two = infer(g, [image], InferenceOptions(seed=1, steps=2), table=dataclasses.replace(table, anchored_steps=1))
     assert torch.equal(at_two.vector, g.generate_vectors(condition, [1], 2, anchor=blend[None], strength=0.0)[0])
     assert not torch.equal(at_two.vector, result.vector)
+
+
+def test_a_failed_draw_fails_only_the_requests_that_needed_it(generator, frames, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("denoiser failed")
+
+    monkeypatch.setattr(generator, "generate_vectors", broken)
+    requests = [([frames[0]], InferenceOptions(method="generate")), ([frames[0]], InferenceOptions(method="knn_blend"))]
+    drawn, blended = infer_batch(generator, requests, table=table_of("generate"))
+    assert isinstance(drawn, RuntimeError) and "denoiser failed" in str(drawn)
+    assert blended.method == "knn_blend"
 
 
 def test_infer_generates_by_default(generator, frames):
