@@ -1,11 +1,13 @@
 """What generation anchored on retrieval gains over the blend, per denoiser target and fit seed -> JSON.
 
     python -m bench.anchoring --data data/demo --store model_store/demo [--seeds 3] [--targets latent residual]
+        [--neighbours 0 4]
 
 For every denoiser target (`FitConfig.denoiser_target`: "latent", the adapter's VAE latent, or "residual",
-that latent minus the leave-self-out knn_blend's) and every fit seed, the denoiser is refitted in a sub-store
-(`STORE/variants/<target>_seed<s>/`, everything else hard-linked from the store; the store's own denoiser is
-reused for its own target and seed) and evaluated as `wildpdiff evaluate` does (`evaluate_store`). Per role it
+that latent minus the leave-self-out knn_blend's), every count of retrieved neighbours the denoiser sees
+(`DenoiserConfig.neighbours`, 0: none) and every fit seed, the denoiser is refitted in a sub-store
+(`STORE/variants/<target>[_n<k>]_seed<s>/`, everything else hard-linked from the store; the store's own denoiser
+is reused for its own settings and seed) and evaluated as `wildpdiff evaluate` does (`evaluate_store`). Per role it
 records the VAL means that decide (generate, knn_blend, nearest, anchored at every strength) and the TEST
 summary that is reported (generated, anchored, served, knn_blend, paired differences to knn_blend). A target
 is kept as the default only if it wins on val, over the new (interp + unseen) locations and the seeds.
@@ -14,6 +16,7 @@ is kept as the default only if it wins on val, over the new (interp + unseen) lo
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--targets", nargs="+", default=["latent", "residual"], choices=["latent", "residual"])
+    parser.add_argument("--neighbours", nargs="+", type=int, default=[0], help="retrieved locations seen (0: none)")
     parser.add_argument("--out", default="bench/results/anchoring.json")
     args = parser.parse_args()
 
@@ -58,22 +62,25 @@ def main() -> None:
     profile = get_profile(store.manifest.get("profile") or "demo")
     dataset = read_dataset(DatasetSpec.of_store(args.data, store))
     own = store.manifest["components"]["denoiser"]
-    own_target, own_seed = own.get("target", "latent"), own["settings"].get("seed", profile.fit.seed)
+    own_seed, own_neighbours = own["settings"].get("seed", profile.fit.seed), own["config"].get("neighbours", 0)
+    own_variant = (own.get("target", "latent"), own_neighbours)
     results = []
-    for target in args.targets:
+    for target, k in itertools.product(args.targets, args.neighbours):
         for seed in range(profile.fit.seed, profile.fit.seed + args.seeds):
-            if (target, seed) == (own_target, own_seed):
+            if ((target, k), seed) == (own_variant, own_seed):
                 sub = store
             else:
-                config = replace(profile.fit, denoiser_target=target, seed=seed)
-                # the latent target's sub-stores are those of `wildpdiff evaluate --fit-seeds` (same key: reused)
-                relpath = f"fit_seeds/seed{seed}" if target == "latent" else f"variants/{target}_seed{seed}"
+                denoiser = replace(profile.fit.denoiser, neighbours=k)
+                config = replace(profile.fit, denoiser_target=target, denoiser=denoiser, seed=seed)
+                # the store's own settings' sub-stores are those of `wildpdiff evaluate --fit-seeds` (same key: reused)
+                name = f"{target}_n{k}" if k else target
+                relpath = f"fit_seeds/seed{seed}" if (target, k) == own_variant else f"variants/{name}_seed{seed}"
                 sub = refit_denoiser(store, relpath, config)
             sections, *_ = evaluate_store(dataset, sub, Generator.from_store(sub), profile.evaluate, progress=True)
-            results.append({"target": target, "seed": seed, **summarise(sections)})
+            results.append({"target": target, "neighbours": k, "seed": seed, **summarise(sections)})
             row = results[-1]
             print(
-                f"{target} seed {seed}: "
+                f"{target} neighbours {k} seed {seed}: "
                 + "; ".join(
                     f"{rq} val generate {row[rq]['val']['generate']:.4f} knn {row[rq]['val']['knn_blend']:.4f}, "
                     f"test served {row[rq]['test']['served_acc']:.4f} anchored {row[rq]['test']['anchored_acc']:.4f}"

@@ -105,7 +105,7 @@ def sample_with(
     generator: Generator, scheduler: SchedulerMixin, features: torch.Tensor, seeds: Sequence[int], steps: int
 ) -> torch.Tensor:
     """(B, D) features, B seeds -> (B, P) flat adapters: `Generator.generate_vectors` (from noise) with any
-    diffusers scheduler, the same condition, seeded noise and residual base, and no row blocking.
+    diffusers scheduler, the same condition, seeded noise, residual base and retrieved neighbours, and no row blocking.
     `check_sample_with` asserts it reproduces the generator with the store's DDIM, so a sampler's difference is
     the scheduler's and not this loop's."""
     condition = standardize(features.to(generator.device), generator.condition_mean, generator.condition_std)
@@ -115,9 +115,10 @@ def sample_with(
     noise = torch.stack(noise).to(generator.device)
     scheduler.set_timesteps(steps, device=generator.device)
     base = generator.blend_latents(features) if generator.residual else torch.zeros_like(noise)
+    context = generator.denoiser_context(features)
     latents = noise * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        prediction = generator.denoiser(latents, t.expand(len(latents)), condition)
+        prediction = generator.denoiser(latents, t.expand(len(latents)), condition, **context)
         latents = scheduler.step(prediction, t, latents).prev_sample  # DDIM's default eta is 0, as served
     return generator.normalization.denormalize(generator.vae.decode(latents + base)).cpu()
 

@@ -11,6 +11,13 @@ MLP). Two bodies share that embedding:
 - `kind="mlp"`: a residual MLP over the flattened latent, cheaper for small latents (the feasibility
   prototype's choice).
 
+Retrieval-augmented (`neighbours=k > 0`): the denoiser also sees the latents of the k seen locations nearest the
+condition, (B, k, C, L), stacked onto the sample as k * C extra input channels (the latents are aligned along
+their length), and their condition distances (B, k), whose logs join the condition features. It is trained
+leave-self-out (`training.fit`): a location's own latent is never among its neighbours, so it learns how
+retrieval errs for a location it has not seen. The neighbours come from the stored per-location mean adapters at
+sampling time (`Generator.denoiser_context`), so a seen location added to them is retrieved without a refit.
+
 The noise schedule lives outside the model (diffusers schedulers, see `model_store.generator`).
 """
 
@@ -36,6 +43,7 @@ class DenoiserConfig:
     hidden: int = 256  # mlp: width
     depth: int = 3  # mlp: residual blocks
     embed_dim: int = 128  # timestep (+ condition) embedding width
+    neighbours: int = 0  # retrieved seen locations the denoiser sees (module docstring); 0: none
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,11 +56,29 @@ class DenoiserConfig:
 
 
 def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> nn.Module:
+    if config.neighbours < 0:
+        raise ValueError(f"neighbours must be at least 0, got {config.neighbours}")
     if config.kind == "unet":
         return UNet1D(config, latent_shape, condition_dim)
     if config.kind == "mlp":
         return ResidualMLP(config, latent_shape, condition_dim)
     raise ValueError(f"unknown denoiser kind {config.kind!r}: expected 'unet' or 'mlp'")
+
+
+def with_neighbours(
+    sample: torch.Tensor, condition: torch.Tensor, neighbours: tuple[torch.Tensor, torch.Tensor] | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, L) sample, (B, D) condition and the neighbours' ((B, k, C, L) latents, (B, k) distances) ->
+    ((B, (1 + k) C, L) input, (B, D + k) condition): what a retrieval-augmented body reads."""
+    if k == 0:
+        return sample, condition
+    if neighbours is None:
+        raise ValueError(f"this denoiser was trained with {k} retrieved neighbours; none were given")
+    latents, distances = neighbours
+    if latents.shape[1] != k or distances.shape != (len(sample), k):
+        raise ValueError(f"expected {k} neighbours per row, got latents {tuple(latents.shape)}")
+    inputs = torch.cat([sample, latents.flatten(1, 2)], dim=1)
+    return inputs, torch.cat([condition, distances.clamp_min(1e-3).log()], dim=1)
 
 
 class Embedding(nn.Module):
@@ -75,8 +101,10 @@ class UNet1D(nn.Module):
         if length % 2 ** (levels - 1):
             raise ValueError(f"latent length {length} cannot be halved {levels - 1} times (unet channels)")
         embed, kernel = config.embed_dim, config.kernel_size
-        self.embedding = Embedding(embed, condition_dim)
-        self.conv_in = nn.Conv1d(in_channels, config.channels[0], kernel, padding=kernel // 2)
+        self.neighbours = config.neighbours
+        self.embedding = Embedding(embed, condition_dim + config.neighbours)
+        inputs = in_channels * (1 + config.neighbours)
+        self.conv_in = nn.Conv1d(inputs, config.channels[0], kernel, padding=kernel // 2)
 
         self.down = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(zip((config.channels[0], *config.channels[:-1]), config.channels)):
@@ -105,8 +133,15 @@ class UNet1D(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # start by predicting zeros (the mean latent, or no noise)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) prediction."""
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor,
+        neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition [, neighbours] -> (B, C, L) prediction."""
+        sample, condition = with_neighbours(sample, condition, neighbours, self.neighbours)
         emb = self.embedding(timesteps, condition)  # (B, embed_dim)
         x = self.conv_in(sample)  # (B, channels[0], L)
         skips = []
@@ -125,15 +160,23 @@ class ResidualMLP(nn.Module):
         super().__init__()
         self.latent_shape = latent_shape
         size = latent_shape[0] * latent_shape[1]
-        self.embedding = Embedding(config.embed_dim, condition_dim)
-        self.proj_in = nn.Linear(size, config.hidden)
+        self.neighbours = config.neighbours
+        self.embedding = Embedding(config.embed_dim, condition_dim + config.neighbours)
+        self.proj_in = nn.Linear(size * (1 + config.neighbours), config.hidden)
         self.blocks = nn.ModuleList(ResidualMLPBlock(config.hidden, config.embed_dim) for _ in range(config.depth))
         self.proj_out = nn.Sequential(nn.LayerNorm(config.hidden), nn.SiLU(), nn.Linear(config.hidden, size))
         nn.init.zeros_(self.proj_out[-1].weight)
         nn.init.zeros_(self.proj_out[-1].bias)
 
-    def forward(self, sample: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition -> (B, C, L) prediction."""
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor,
+        neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition [, neighbours] -> (B, C, L) prediction."""
+        sample, condition = with_neighbours(sample, condition, neighbours, self.neighbours)
         emb = self.embedding(timesteps, condition)
         x = self.proj_in(sample.flatten(1))  # (B, hidden)
         for block in self.blocks:

@@ -185,6 +185,14 @@ class Generator:
         if residual is not None and location_means is None:
             raise ValueError("a residual denoiser needs the per-location mean adapters it blends")
         self.residual = residual
+        self.neighbours = denoiser.neighbours  # retrieved locations the denoiser sees (model_store.denoiser)
+        if self.neighbours and location_means is None:
+            raise ValueError("a retrieval-augmented denoiser needs the per-location mean adapters it retrieves")
+        if self.neighbours > len(self.locations):
+            raise ValueError(f"the denoiser sees {self.neighbours} neighbours, the store has {len(self.locations)}")
+        # (L, C, L') latents of the location means, what a retrieval-augmented denoiser is shown
+        with torch.no_grad():
+            self.location_latents = self._anchor_latents(location_means) if self.neighbours else None
 
     @classmethod
     def from_store(cls, store: Store, device: str | torch.device = "cpu") -> Generator:
@@ -296,6 +304,14 @@ class Generator:
         blends = [retrieval.knn_blend(self.location_means, d, self.residual.k, self.residual.weighting) for d in distances]
         return self._anchor_latents(torch.stack(blends))
 
+    def denoiser_context(self, features: torch.Tensor) -> dict:
+        """(B, D) -> the denoiser's extra inputs: for a retrieval-augmented one, `neighbours` = the latents
+        (B, k, C, L) of the k nearest seen locations' mean adapters and their distances (B, k); else none."""
+        if not self.neighbours:
+            return {}
+        distances, index = retrieval.neighbours(self.location_distances(features), self.neighbours)  # (B, k) each
+        return {"neighbours": (self.location_latents[index.to(self.device)], distances.to(self.device))}
+
     def _sample_block(
         self, features: torch.Tensor, seeds: Sequence[int], steps: int, anchor: torch.Tensor | None, strength: float
     ) -> torch.Tensor:
@@ -312,6 +328,7 @@ class Generator:
         scheduler.set_timesteps(steps, device=self.device)
         timesteps = scheduler.timesteps
         base = self.blend_latents(features) if self.residual else torch.zeros_like(noise)  # (B, C, L)
+        context = self.denoiser_context(features)
         if anchor is None:
             latents = noise * scheduler.init_noise_sigma
         else:
@@ -321,7 +338,7 @@ class Generator:
                 return latents + base
             latents = scheduler.add_noise(latents, noise, timesteps[:1].expand(len(latents)))
         for t in timesteps:
-            noise_pred = self.denoiser(latents, t.expand(len(latents)), condition)
+            noise_pred = self.denoiser(latents, t.expand(len(latents)), condition, **context)
             latents = scheduler.step(noise_pred, t, latents, eta=0.0).prev_sample
         return latents + base
 

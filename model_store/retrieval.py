@@ -14,6 +14,14 @@ import torch
 WEIGHTINGS = ("uniform", "inverse_distance")
 
 
+def neighbours(distances: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) distances to every location -> the k closest per row: distances (B, k) and location indices (B, k),
+    closest first."""
+    if not 1 <= k <= distances.shape[-1]:
+        raise ValueError(f"k must be in 1..{distances.shape[-1]} (the locations), got {k}")
+    return distances.topk(k, dim=-1, largest=False)
+
+
 def nearest(means: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """(L, P), (L,) -> (P,): the mean adapter of the closest location."""
     return means[int(distances.argmin())]
@@ -28,6 +36,6 @@ def knn_blend(means: torch.Tensor, distances: torch.Tensor, k: int, weighting: s
         raise ValueError(f"unknown knn weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    d, index = distances.topk(min(k, len(distances)), largest=False)  # (k,), (k,)
+    d, index = neighbours(distances, min(k, len(distances)))  # (k,), (k,)
     weights = torch.ones_like(d) if weighting == "uniform" else 1.0 / d.clamp_min(1e-6)
     return (weights / weights.sum()).to(means.dtype) @ means[index]

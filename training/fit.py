@@ -333,8 +333,15 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
     if config.denoiser_target not in ("latent", "residual"):
         raise ValueError(f"unknown denoiser_target {config.denoiser_target!r}: latent or residual")
     residual = Residual(config.residual_k, config.residual_weighting) if config.denoiser_target == "residual" else None
+    k = config.denoiser.neighbours
+    if k > len(zoo.locations) - 1:
+        raise ValueError(f"{k} neighbours asked for, but a seen location has only {len(zoo.locations) - 1} others")
+    distances = leave_self_out_distances(features, conditions["location"], len(zoo.locations))  # (F, L)
     with torch.no_grad():  # (F, C, L): per stored frame, the latent its samples are added to
-        base = frame_blend_latents(features, conditions["location"], zoo, residual, vae, normalization)
+        base = frame_blend_latents(distances, zoo, residual, vae, normalization)
+        location_latents = vae.encode(normalization.normalize(zoo.means))  # (L, C, L'), what neighbours show
+    if k:  # per stored frame, its k nearest OTHER locations, in the units of `Generator.location_distances`
+        neighbour_distances, neighbour_index = retrieval.neighbours(distances / conditions["distance_scale"], k)
 
     scheduler = DDIMScheduler(
         num_train_timesteps=config.train_timesteps,
@@ -365,7 +372,8 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
             target = clean
         else:
             target = noise_scheduler.get_velocity(clean, noise, t)
-        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame]), target)
+        context = {"neighbours": (location_latents[neighbour_index[frame]], neighbour_distances[frame])} if k else {}
+        loss = torch.nn.functional.mse_loss(denoiser(noisy, t, features[frame], **context), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -392,25 +400,27 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
     return time.perf_counter() - start
 
 
-def frame_blend_latents(
-    features: torch.Tensor,
-    owner: torch.Tensor,
-    zoo: Zoo,
-    residual: Residual | None,
-    vae: ParameterVAE,
-    normalization: Normalization,
-) -> torch.Tensor:
-    """(F, D) z-scored stored frames of the seen locations, their location (F,) -> (F, C, L) latents of the
-    knn_blend each frame retrieves from the OTHER locations (leave-self-out: a location's own mean adapter would
-    make the residual ~0 in training and useless on a new location); zeros for a latent denoiser."""
-    if residual is None:
-        return torch.zeros(len(features), *vae.latent_shape)
+def leave_self_out_distances(features: torch.Tensor, owner: torch.Tensor, num_locations: int) -> torch.Tensor:
+    """(F, D) z-scored stored frames of the seen locations and their location (F,) -> (F, L) distance of each
+    frame to each location's closest stored frame, in the frames' feature units, with the frame's OWN location at
+    infinity: in training a frame never retrieves its own location, as a new location at sampling time cannot."""
     distances = torch.cdist(features.double(), features.double())  # (F, F)
-    per_location = torch.full((len(features), len(zoo.locations)), float("inf"), dtype=torch.float64)
+    per_location = torch.full((len(features), num_locations), float("inf"), dtype=torch.float64)
     per_location = per_location.scatter_reduce(1, owner.expand_as(distances), distances, "amin")  # (F, L)
-    per_location[torch.arange(len(features)), owner] = float("inf")  # leave self out
+    per_location[torch.arange(len(features)), owner] = float("inf")
+    return per_location.float()
+
+
+def frame_blend_latents(
+    distances: torch.Tensor, zoo: Zoo, residual: Residual | None, vae: ParameterVAE, normalization: Normalization
+) -> torch.Tensor:
+    """(F, L) leave-self-out distances of the stored frames -> (F, C, L') latents of the knn_blend each frame
+    retrieves from the OTHER locations (a location's own mean adapter would make the residual ~0 in training and
+    useless on a new location); zeros for a latent denoiser."""
+    if residual is None:
+        return torch.zeros(len(distances), *vae.latent_shape)
     k = min(residual.k, len(zoo.locations) - 1)  # never reach the location's own (infinite) distance
-    blends = torch.stack([retrieval.knn_blend(zoo.means, d.float(), k, residual.weighting) for d in per_location])
+    blends = torch.stack([retrieval.knn_blend(zoo.means, d, k, residual.weighting) for d in distances])
     return vae.eval().encode(normalization.normalize(blends))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_store.retrieval import WEIGHTINGS, knn_blend, nearest
+from model_store.retrieval import WEIGHTINGS, knn_blend, nearest, neighbours
 
 MEANS = torch.tensor([[0.0, 0.0], [2.0, 4.0], [10.0, 10.0], [-6.0, 8.0]])  # (L=4, P=2)
 DISTANCES = torch.tensor([3.0, 1.0, 4.0, 2.0])  # nearest first: 1, 3, 0, 2
@@ -41,3 +41,12 @@ def test_bad_arguments_are_refused():
         knn_blend(MEANS, DISTANCES, 2, "median")
     with pytest.raises(ValueError, match="k must be at least 1"):
         knn_blend(MEANS, DISTANCES, 0, "uniform")
+
+
+def test_neighbours_are_the_k_closest_per_row_closest_first():
+    distances = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.25, 9.0, 8.0, 7.0]])
+    values, index = neighbours(distances, 2)
+    assert index.tolist() == [[3, 1], [0, 3]]
+    assert values.tolist() == [[0.5, 1.0], [0.25, 7.0]]
+    with pytest.raises(ValueError, match="k must be in 1..4"):
+        neighbours(distances, 5)

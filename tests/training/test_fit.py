@@ -14,16 +14,26 @@ from model_store import retrieval
 from model_store.backbone import load_backbone
 from model_store.condition import CONDITIONS_FILE
 from model_store.denoiser import DENOISER_FILE
-from model_store.generator import SCHEDULER_FILE, Generator, Residual
+from model_store.generator import SCHEDULER_FILE, Generator, Residual, StoredConditions
 from model_store.lora import LoraLayout, adapter_shapes, flatten
 from model_store.ood import FALLBACK_FILE
 from model_store.retrieval import knn_blend
 from model_store.store import MANIFEST, Store, StoreError
 from model_store.vae import NORMALIZATION_FILE, VAE_FILE, Normalization, ParameterVAE, VAEConfig
 from tests.training.kills import kill_when, manifest, mtimes, wildpdiff
+from training import fit as fit_module
 from training.cli import main
 from training.data import read_cct
-from training.fit import COMPONENT_FIELDS, SPEED_ONLY, FitConfig, fit, fit_vae, frame_blend_latents, is_current
+from training.fit import (
+    COMPONENT_FIELDS,
+    SPEED_ONLY,
+    FitConfig,
+    fit,
+    fit_vae,
+    frame_blend_latents,
+    is_current,
+    leave_self_out_distances,
+)
 from training.profiles import get_profile
 from training.studies import refit_denoiser
 from training.zoo import load_seen_zoo
@@ -227,11 +237,12 @@ def test_residual_training_never_blends_a_location_with_itself(smoke_store, smok
 
     monkeypatch.setattr(retrieval, "knn_blend", spy)
     owner = conditions["location"]
-    base = frame_blend_latents(features, owner, zoo, Residual(3, "inverse_distance"), vae, normalization)
+    distances = leave_self_out_distances(features, owner, len(zoo.locations))
+    base = frame_blend_latents(distances, zoo, Residual(3, "inverse_distance"), vae, normalization)
     assert len(calls) == len(features) and all(torch.isfinite(d).all() for d in calls)  # own location: infinite
 
     zoo.means[owner[0]] += 100.0  # a location's own mean changes nothing of what its frames retrieve
-    again = frame_blend_latents(features, owner, zoo, Residual(3, "inverse_distance"), vae, normalization)
+    again = frame_blend_latents(distances, zoo, Residual(3, "inverse_distance"), vae, normalization)
     own = owner == owner[0]
     assert torch.equal(base[own], again[own])
 
@@ -253,6 +264,88 @@ def test_a_residual_denoiser_generates_around_the_blend(smoke_store, smoke_world
     # to float32 rounding: generate_vectors computes in blocks of SAMPLING_BLOCK rows, this in a batch of one
     from_blend = generator.generate_vectors(features, [0], anchor=anchor, strength=0.0)
     assert torch.allclose(from_blend, reconstruction, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the retrieval-augmented denoiser: it also sees the nearest OTHER seen locations' latents and distances
+
+
+def retrieval_config(steps: int) -> FitConfig:
+    fit_config = get_profile("smoke").fit
+    return replace(fit_config, denoiser=replace(fit_config.denoiser, neighbours=2), denoiser_steps=steps)
+
+
+def test_retrieval_training_never_shows_a_location_its_own_latent(smoke_store, tmp_path, monkeypatch):
+    """A spy around the denoiser: every training row is shown the latents of the 2 locations nearest its frame
+    among the OTHER seen locations, with their distances, and never its own location's latent."""
+    calls = []
+    build = fit_module.build_denoiser
+
+    def spying_build(config, latent_shape, condition_dim):
+        model = build(config, latent_shape, condition_dim)
+        forward = model.forward
+
+        def spy(sample, timesteps, condition, neighbours=None):
+            calls.append((condition.clone(), neighbours[0].clone(), neighbours[1].clone()))
+            return forward(sample, timesteps, condition, neighbours)
+
+        model.forward = spy
+        return model
+
+    monkeypatch.setattr(fit_module, "build_denoiser", spying_build)
+    sub = refit_denoiser(Store(copy_store(smoke_store, tmp_path)), "variants/n2", retrieval_config(5), progress=False)
+    assert len(calls) == 5 and sub.manifest["components"]["denoiser"]["config"]["neighbours"] == 2
+
+    conditions = sub.load_tensors(CONDITIONS_FILE)
+    features = (conditions["features"] - conditions["mean"]) / conditions["std"]  # (F, D), as the denoiser sees
+    owner = conditions["location"]
+    shapes = adapter_shapes(load_backbone(sub)[0], LoraLayout.from_dict(sub.manifest["components"]["lora"]))
+    zoo = load_seen_zoo(sub, shapes, sub.manifest["components"]["condition"]["locations"])[0]
+    vae = ParameterVAE(zoo.vectors.shape[1], VAEConfig.from_dict(sub.manifest["components"]["vae"]["config"]))
+    vae.load_state_dict(sub.load_tensors(VAE_FILE))
+    normalization = Normalization.from_tensors(sub.load_tensors(NORMALIZATION_FILE))
+    with torch.no_grad():
+        location_latents = vae.eval().encode(normalization.normalize(zoo.means)).flatten(1)  # (L, C * L')
+    expected = leave_self_out_distances(features, owner, len(zoo.locations)) / conditions["distance_scale"]
+    for condition, latents, distances in calls:
+        frame = torch.cdist(condition, features).argmin(dim=1)  # (B,) the stored frame of each row
+        assert torch.allclose(features[frame], condition)
+        shown = torch.cdist(latents.flatten(2), location_latents[None].expand(len(latents), -1, -1))  # (B, k, L)
+        assert shown.min(dim=2).values.max() < 1e-4  # every neighbour is a location's latent ...
+        shown = shown.argmin(dim=2)  # (B, k)
+        assert not (shown == owner[frame][:, None]).any()  # ... never the row's own
+        nearest_distances, nearest = expected[frame].topk(2, dim=1, largest=False)
+        assert torch.equal(shown, nearest)  # ... the two nearest other locations, closest first
+        assert torch.allclose(distances, nearest_distances)
+
+
+def test_a_new_seen_location_joins_retrieval_without_a_refit(smoke_store, smoke_world, tmp_path):
+    sub = refit_denoiser(Store(copy_store(smoke_store, tmp_path)), "variants/n2", retrieval_config(20), progress=False)
+    generator = Generator.from_store(sub)
+    assert generator.neighbours == 2
+    image = Image.open(sorted((smoke_world / "backgrounds").glob("*/001.png"))[0]).convert("RGB")
+    features = generator.embed([image])
+    first = generator.generate_vectors(features, [0])
+    assert torch.equal(first, generator.generate_vectors(features, [0]))  # deterministic
+
+    # a new location: its stored frame is this very frame, its mean adapter a new one; no denoiser refit
+    g = generator
+    mean = g.location_means.mean(0) + 0.05 * torch.randn(g.location_means.shape[1], generator=torch.Generator())
+    conditions = StoredConditions(
+        [*g.locations, "new"], torch.cat([g.references, features]),
+        torch.cat([g.reference_locations, torch.tensor([len(g.locations)])]),
+        g.condition_mean, g.condition_std, g.distance_scale,
+    )  # fmt: skip
+    grown = Generator(
+        g.classifier, g.backbone_config, g.layout, g.encoder, conditions, g.normalization, g.vae, g.denoiser,
+        g.scheduler_config, classes=g.classes, location_means=torch.cat([g.location_means, mean[None]]),
+    )  # fmt: skip
+    latents, distances = grown.denoiser_context(features)["neighbours"]
+    assert float(distances[0, 0]) == 0.0  # the new location is the nearest one ...
+    assert torch.equal(latents[0, 0], grown.location_latents[-1])  # ... and is shown as itself
+    with torch.no_grad():
+        assert torch.allclose(latents[0, 0], g.vae.encode(g.normalization.normalize(mean[None]))[0], atol=1e-6)
+    assert not torch.equal(grown.generate_vectors(features, [0]), first)
 
 
 def test_fit_resumes_after_kills_at_random_moments(smoke_zoo_store, smoke_store, smoke_world, tmp_path):
