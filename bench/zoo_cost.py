@@ -13,8 +13,8 @@ Each point is a sub-store `STORE/zoo_cost/<arm>_seed<s>/` (`training.studies.stu
 checkpoints and result.json hard-linked from the store's zoo), whose generator is fitted with the scaling study's
 steps and samples (`profile.scaling`: VAE 1000 + denoiser 1500 steps, 5 samples on the demo profile; "full" is
 refitted the same way, so it is not the store's own, longer fit) and evaluated on RQ2 (interp) and RQ3 (unseen)
-as `training.studies.fit_and_evaluate` does, but with `serve=True`, so that every location's row carries the val
-accuracy of each servable method (`training.studies.val_means`). Interp locations lie between two seen locations;
+by `training.studies.fit_and_evaluate` with `serve=True`, so that every location's row carries the val accuracy of
+each servable method (`training.studies.val_means`). Interp locations lie between two seen locations;
 in the "runs" arm some of those are not in the zoo (as in `--scaling`): each point records how many interp
 locations have both, one or none of their sources among its seen locations.
 
@@ -31,19 +31,16 @@ import json
 import random
 import statistics
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from model_store.generator import Generator
 from model_store.store import Store
 from training.data import CCTDataset, DatasetSpec, read_dataset
 from training.evaluation.roles import paired_difference
-from training.evaluation.stage import evaluate_store
-from training.fit import fit
 from training.profiles import Profile, get_profile
-from training.studies import link, study_store, subset, val_means
+from training.studies import fit_and_evaluate, link, study_store, subset, val_means
 from training.zoo import load_zoo_results
 
 ROLES = {"rq2": "interp", "rq3": "unseen"}
@@ -71,16 +68,6 @@ def source_coverage(dataset: CCTDataset, chosen: list[str]) -> dict[str, int]:
     return counts
 
 
-def fit_and_evaluate(dataset: CCTDataset, sub: Store, profile: Profile, study: dict, seed: int) -> dict:
-    """`training.studies.fit_and_evaluate` with serve=True: same fit and evaluation settings, plus each row's
-    val accuracy per servable method."""
-    fit_config = replace(profile.fit, vae_steps=study["vae_steps"], denoiser_steps=study["denoiser_steps"], seed=seed)
-    fit(dataset, sub, fit_config, progress=True)
-    config = replace(profile.evaluate, samples=study["samples"], hypernet=replace(profile.evaluate.hypernet, steps=0))
-    sections, *_ = evaluate_store(dataset, sub, Generator.from_store(sub), config, tuple(ROLES), progress=True)
-    return sections
-
-
 def point(
     dataset: CCTDataset, store: Store, profile: Profile, study: dict, arm: str, seed: int, chosen: list[str], used: list
 ) -> dict:
@@ -92,7 +79,10 @@ def point(
     done = [f"zoo/{run['location']}/run{run['run']}/result.json" for run in used]
     if not all(sub.has(relpath) for relpath in done):
         link(store, sub, *[c["file"] for run in used for c in run["checkpoints"]], *done)
-    sections = fit_and_evaluate(subset(dataset, chosen, others=True), sub, profile, study, seed)
+    sections = fit_and_evaluate(
+        subset(dataset, chosen, others=True), sub, profile.fit, profile.evaluate, profile.scaling, seed,
+        tuple(ROLES), progress=True, serve=True,
+    )  # fmt: skip
     row = {
         "arm": arm,
         "seed": seed,

@@ -102,14 +102,24 @@ def link(parent: Store, sub: Store, *relpaths: str) -> None:
 
 
 def fit_and_evaluate(
-    dataset: CCTDataset, sub: Store, fit_config: FitConfig, config: EvalConfig, study, seed: int, roles, progress: bool
+    dataset: CCTDataset,
+    sub: Store,
+    fit_config: FitConfig,
+    config: EvalConfig,
+    study,
+    seed: int,
+    roles,
+    progress: bool,
+    serve: bool = False,
 ) -> dict:
+    """Fit a study point's generator with the study's steps and evaluate `roles`; `serve`: also score every
+    servable method on val per location (rows' `methods`, what `val_means` reads)."""
     fit_config = replace(fit_config, vae_steps=study.vae_steps, denoiser_steps=study.denoiser_steps, seed=seed)
     fit(dataset, sub, fit_config, progress=progress)
     generator = Generator.from_store(sub)
     # The studies compare generation with fine-tuning and retrieval only: no hypernet to train per point.
     config = replace(config, samples=study.samples, hypernet=replace(config.hypernet, steps=0))
-    sections, *_ = evaluate_store(dataset, sub, generator, config, roles, serve=False, progress=progress)
+    sections, *_ = evaluate_store(dataset, sub, generator, config, roles, serve=serve, progress=progress)
     return sections
 
 
