@@ -55,7 +55,7 @@ class DenoiserConfig:
         return cls(**data)
 
 
-def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> nn.Module:
+def build_denoiser(config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int) -> Denoiser:
     if config.neighbours < 0:
         raise ValueError(f"neighbours must be at least 0, got {config.neighbours}")
     if config.kind == "unet":
@@ -93,7 +93,29 @@ class Embedding(nn.Module):
         return self.mlp(self.timesteps(timesteps).to(condition.dtype), condition)
 
 
-class UNet1D(nn.Module):
+class Denoiser(nn.Module):
+    """What both bodies share: neighbours stacked onto the input, then the timestep + condition embedding."""
+
+    neighbours: int
+    embedding: Embedding
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor,
+        neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition [, neighbours] -> (B, C, L) prediction."""
+        sample, condition = with_neighbours(sample, condition, neighbours, self.neighbours)
+        return self.denoise(sample, self.embedding(timesteps, condition))  # embedding: (B, embed_dim)
+
+    def denoise(self, sample: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """(B, (1 + k) C, L) input, (B, embed_dim) embedding -> (B, C, L) prediction."""
+        raise NotImplementedError
+
+
+class UNet1D(Denoiser):
     def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
         super().__init__()
         in_channels, length = latent_shape
@@ -133,16 +155,7 @@ class UNet1D(nn.Module):
         nn.init.zeros_(self.conv_out.weight)  # start by predicting zeros (the mean latent, or no noise)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timesteps: torch.Tensor,
-        condition: torch.Tensor,
-        neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition [, neighbours] -> (B, C, L) prediction."""
-        sample, condition = with_neighbours(sample, condition, neighbours, self.neighbours)
-        emb = self.embedding(timesteps, condition)  # (B, embed_dim)
+    def denoise(self, sample: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(sample)  # (B, channels[0], L)
         skips = []
         for block, downsample in self.down:
@@ -155,7 +168,7 @@ class UNet1D(nn.Module):
         return self.conv_out(x)
 
 
-class ResidualMLP(nn.Module):
+class ResidualMLP(Denoiser):
     def __init__(self, config: DenoiserConfig, latent_shape: tuple[int, int], condition_dim: int):
         super().__init__()
         self.latent_shape = latent_shape
@@ -168,16 +181,7 @@ class ResidualMLP(nn.Module):
         nn.init.zeros_(self.proj_out[-1].weight)
         nn.init.zeros_(self.proj_out[-1].bias)
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timesteps: torch.Tensor,
-        condition: torch.Tensor,
-        neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """(B, C, L) noisy latent, (B,) timesteps, (B, D) condition [, neighbours] -> (B, C, L) prediction."""
-        sample, condition = with_neighbours(sample, condition, neighbours, self.neighbours)
-        emb = self.embedding(timesteps, condition)
+    def denoise(self, sample: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(sample.flatten(1))  # (B, hidden)
         for block in self.blocks:
             x = block(x, emb)
