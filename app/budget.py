@@ -43,7 +43,6 @@ class Deadline:
             raise DeadlineExceeded
 
 
-
 async def check_request_pixels(request: Request) -> None:
     """Route dependency: 413 when the request's images hold more pixels than `max_request_pixels`."""
     limit = request.app.state.runtime.settings.max_request_pixels

@@ -47,8 +47,6 @@ TARGETS = {  # name -> (target, "min" | "max")
 }
 
 
-
-
 def wait_for_quiet(limit: float, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while load_average() >= limit and time.monotonic() < deadline:

@@ -339,9 +339,10 @@ def fit_denoiser(store: Store, zoo: Zoo, config: FitConfig, progress: bool) -> f
     distances = leave_self_out_distances(features, conditions["location"], len(zoo.locations))  # (F, L)
     with torch.no_grad():  # (F, C, L): per stored frame, the latent its samples are added to
         base = frame_blend_latents(distances, zoo, residual, vae, normalization)
-        location_latents = vae.encode(normalization.normalize(zoo.means))  # (L, C, L'), what neighbours show
     if k:  # per stored frame, its k nearest OTHER locations, in the units of `Generator.location_distances`
         neighbour_distances, neighbour_index = retrieval.neighbours(distances / conditions["distance_scale"], k)
+        with torch.no_grad():
+            location_latents = vae.encode(normalization.normalize(zoo.means))  # (L, C, L'), what neighbours show
 
     scheduler = DDIMScheduler(
         num_train_timesteps=config.train_timesteps,
