@@ -12,9 +12,9 @@ in the VAE's latent space (B, C, L) -> VAE decoder -> un-z-score -> unflatten in
 
 Determinism: each sample's initial noise comes from its own `torch.Generator` seeded with its seed, and DDIM
 with eta=0 adds no other randomness, so the same image + seed + steps + store gives the same tensors (and,
-through `model_store.lora.adapter_bytes`, the same bytes) on the same device, for the same batch layout. An
-adapter generated inside a larger batch agrees to ~1e-7, not bit for bit (CPU kernels block the work by
-batch size), so byte-exact paths (CLI, service) generate one adapter per call.
+through `model_store.lora.adapter_bytes`, the same bytes) on the same device, whatever other rows share the
+call: rows go through the models in blocks of exactly `SAMPLING_BLOCK` (CPU kernels pick their algorithm by
+batch size), so the service can batch concurrent requests and still answer what the CLI writes.
 
 `distance` is the out-of-distribution signal: the Euclidean distance of a frame's z-scored features to the
 nearest stored embedding of a seen location's (training-half) background frame, divided by `distance_scale`,
